@@ -1,0 +1,79 @@
+"""Checks on the composed config, so a bad value stops the run with one line naming its key."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from hrnn_lit.errors import ConfigError
+from hrnn_lit.evaluation.metrics import TIES
+from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS
+from hrnn_lit.models.losses import LOSSES
+from hrnn_lit.models.module import OPTIMIZERS
+
+MODES = ("train", "prepare")
+
+
+def _get(cfg: DictConfig, key: str):
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except Exception as e:  # missing mandatory value or bad interpolation
+        raise ConfigError(f"{key}: {e}".splitlines()[0]) from None
+
+
+def _int(cfg: DictConfig, key: str, minimum: int, optional: bool = False) -> None:
+    v = _get(cfg, key)
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {v!r}")
+
+
+def _float(cfg: DictConfig, key: str, lo: float, hi: float | None = None) -> None:
+    v = _get(cfg, key)
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or v < lo
+        or (hi is not None and v > hi)
+    ):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{key} must be a number {rng}, got {v!r}")
+
+
+def _choice(cfg: DictConfig, key: str, choices) -> None:
+    v = _get(cfg, key)
+    if v not in choices:
+        raise ConfigError(f"{key} must be one of {sorted(choices)}, got {v!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid value found."""
+    _choice(cfg, "mode", MODES)
+    _int(cfg, "seed", 0)
+    _int(cfg, "data.batch_size", 1)
+    _int(cfg, "data.eval_batch_size", 1)
+    _int(cfg, "data.steps_per_batch", 1)
+    _choice(cfg, "data.fit_split", ("valid_train", "train"))
+    if cfg.mode == "prepare":
+        return
+    ks = _get(cfg, "eval.ks")
+    if not OmegaConf.is_list(ks) or len(ks) == 0:
+        raise ConfigError(f"eval.ks must be a non-empty list of positive integers, got {ks!r}")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"eval.ks must hold positive integers, got {k!r}")
+    _choice(cfg, "eval.ties", TIES)
+    _int(cfg, "model.hidden_size", 1)
+    _choice(cfg, "model.user_propagation", PROPAGATIONS)
+    if cfg.model.user_propagation != "none":
+        _int(cfg, "model.user_hidden_size", 1)
+    _choice(cfg, "model.loss", LOSSES)
+    _choice(cfg, "model.optimizer", OPTIMIZERS)
+    _choice(cfg, "model.final_act", ACTIVATIONS)
+    _choice(cfg, "model.user_to_session_act", ACTIVATIONS)
+    _int(cfg, "model.n_sample", 0)
+    _float(cfg, "model.sample_alpha", 0.0)
+    _float(cfg, "model.lr", 0.0)
+    for key in ("dropout_session", "dropout_user", "dropout_init"):
+        _float(cfg, f"model.{key}", 0.0, 0.999)
+    _int(cfg, "trainer.max_epochs", 1)

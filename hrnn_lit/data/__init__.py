@@ -1,0 +1,1 @@
+"""Data: sources (raw readers), preprocess, synthetic, batching, datamodule."""

@@ -1,0 +1,155 @@
+"""User-parallel mini-batches (DESIGN §3), built with numpy index arithmetic.
+
+A *step* is one (input item -> target item) pair inside a session; a session of L events
+gives L - 1 steps. Steps are ordered by (user, session, time). A *plan* is a [T, B] matrix
+of step indices: slot b walks one user's steps in order, and when the user is done the next
+unused user takes the first free slot. Slots with nothing left hold -1 (masked), so no
+user's data is lost at the tail of an epoch.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Steps:
+    """All steps of one split, ordered by (user, session, time). Arrays of length n_steps."""
+
+    input: np.ndarray  # item index fed to the session GRU
+    target: np.ndarray  # item index to predict
+    user: np.ndarray  # user index (steps of one user are contiguous)
+    session_start: np.ndarray  # bool: first step of a session
+    user_start: np.ndarray  # bool: first step of a user
+    position: np.ndarray  # 1-based position of the target in its session (first target = 1)
+    history: np.ndarray  # number of the user's earlier sessions in this sequence
+    score: np.ndarray  # bool: this step's prediction is evaluated
+
+    def __len__(self) -> int:
+        return int(self.input.size)
+
+
+def build_steps(
+    item: np.ndarray,
+    user: np.ndarray,
+    session: np.ndarray,
+    score: np.ndarray | None = None,
+) -> Steps:
+    """Steps from events sorted by (user, session, time).
+
+    ``score`` marks events whose prediction counts (a step is scored when its target is).
+    Sessions of one event give no step; their users still start cleanly.
+    """
+    n = item.size
+    ses_first = np.r_[True, session[1:] != session[:-1]] if n else np.zeros(0, bool)
+    user_first = np.r_[True, user[1:] != user[:-1]] if n else np.zeros(0, bool)
+    idx = np.flatnonzero(~ses_first[1:]) if n else np.zeros(0, np.int64)  # event i -> i + 1
+    ses_start_idx = np.maximum.accumulate(np.where(ses_first, np.arange(n), 0))
+    n_prev_sessions = np.cumsum(ses_first) - 1
+    user_base = n_prev_sessions[np.maximum.accumulate(np.where(user_first, np.arange(n), 0))]
+    s_user = user[idx]
+    s_session = session[idx]
+    s_ustart = np.r_[True, s_user[1:] != s_user[:-1]] if idx.size else np.zeros(0, bool)
+    s_sstart = s_ustart | (np.r_[True, s_session[1:] != s_session[:-1]] if idx.size else False)
+    return Steps(
+        input=item[idx].astype(np.int64),
+        target=item[idx + 1].astype(np.int64),
+        user=s_user.astype(np.int64),
+        session_start=s_sstart,
+        user_start=s_ustart,
+        position=(idx + 1 - ses_start_idx[idx]).astype(np.int64),
+        history=(n_prev_sessions - user_base)[idx].astype(np.int64),
+        score=np.ones(idx.size, bool) if score is None else score[idx + 1].astype(bool),
+    )
+
+
+def schedule_users(lengths: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy slot assignment: users in the given order, each to the earliest-free slot
+    (lowest slot on ties). Returns (slot, start_time) per user. One heap op per user."""
+    slot = np.empty(lengths.size, np.int64)
+    start = np.empty(lengths.size, np.int64)
+    first = min(batch_size, lengths.size)
+    slot[:first] = np.arange(first)
+    start[:first] = 0
+    heap = [(int(lengths[i]), i) for i in range(first)]
+    heapq.heapify(heap)
+    for u in range(first, lengths.size):
+        free_at, s = heapq.heappop(heap)
+        slot[u], start[u] = s, free_at
+        heapq.heappush(heap, (free_at + int(lengths[u]), s))
+    return slot, start
+
+
+def build_plan(
+    steps_user: np.ndarray,
+    batch_size: int,
+    user_order: np.ndarray | None = None,
+    min_steps: int = 0,
+) -> np.ndarray:
+    """[T, B] matrix of step indices (-1 where a slot is empty).
+
+    ``steps_user`` holds the user of each step (contiguous groups). ``user_order`` permutes
+    the groups (e.g. a per-epoch shuffle); ``min_steps`` pads T (for equal steps on all
+    DDP ranks).
+    """
+    n = steps_user.size
+    if n == 0:
+        return np.full((min_steps, batch_size), -1, np.int64)
+    starts = np.flatnonzero(np.r_[True, steps_user[1:] != steps_user[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    if user_order is not None:
+        starts, lengths = starts[user_order], lengths[user_order]
+    slot, t0 = schedule_users(lengths, batch_size)
+    n_time = max(int((t0 + lengths).max()), min_steps)
+    plan = np.full((n_time, batch_size), -1, np.int64)
+    group = np.repeat(np.arange(lengths.size), lengths)
+    offset = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    plan[t0[group] + offset, slot[group]] = starts[group] + offset
+    return plan
+
+
+class PlanDataset(torch.utils.data.Dataset):
+    """A plan cut into Lightning batches of ``steps_per_batch`` time steps (map-style).
+
+    Item ``i`` is a dict of [t, B] tensors (input, target, session_start, user_start, valid,
+    score, position, history) plus host-side ``n_events`` / ``n_scored`` counts and
+    ``any_start`` (per time step: does any slot start a session), so the model needs no
+    device sync to read them. Slices are cut on demand: memory stays at one plan.
+    """
+
+    def __init__(self, steps: Steps, plan: np.ndarray, steps_per_batch: int):
+        self.plan = plan
+        self.steps = steps
+        self.steps_per_batch = steps_per_batch
+
+    def __len__(self) -> int:
+        return -(-self.plan.shape[0] // self.steps_per_batch)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        plan = self.plan[i * self.steps_per_batch : (i + 1) * self.steps_per_batch]
+        valid = plan >= 0
+        idx = np.where(valid, plan, 0)
+        st = self.steps
+        sstart = st.session_start[idx] & valid
+        score = st.score[idx] & valid
+        chunk = {
+            "input": st.input[idx],
+            "target": st.target[idx],
+            "session_start": sstart,
+            "user_start": st.user_start[idx] & valid,
+            "valid": valid,
+            "score": score,
+            "position": st.position[idx],
+            "history": st.history[idx],
+        }
+        chunk = {k: torch.from_numpy(v) for k, v in chunk.items()}
+        chunk["n_events"] = int(valid.sum())
+        chunk["n_scored"] = int(score.sum())
+        chunk["any_start"] = sstart.any(axis=1).tolist()
+        return chunk

@@ -1,0 +1,130 @@
+"""User-sorted session DataModule: raw source -> splits -> user-parallel batch plans."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import polars as pl
+import pytorch_lightning as pl_lightning
+from torch.utils.data import DataLoader
+
+from hrnn_lit.data.batching import PlanDataset, Steps, build_plan, build_steps
+from hrnn_lit.data.preprocess import Splits, preprocess, split_stats
+from hrnn_lit.errors import ConfigError, DataError
+
+FIT_SPLITS = ("valid_train", "train")
+
+
+class SessionDataModule(pl_lightning.LightningDataModule):
+    """Trains on ``fit_split``; validates on ``valid_test`` (only when fitting on
+    ``valid_train``, so validation never scores sessions seen in training); tests on
+    ``test``. Evaluated users first replay their earlier sessions (history), then their
+    held-out session is scored. The item catalogue is the fit split's items; held-out
+    events with items outside it are removed before steps are built (``n_dropped_*``).
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], pl.DataFrame],
+        name: str = "data",
+        path: str | None = None,
+        preprocess: dict | None = None,
+        batch_size: int = 100,
+        eval_batch_size: int = 512,
+        steps_per_batch: int = 64,
+        fit_split: str = "valid_train",
+        shuffle_users: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if fit_split not in FIT_SPLITS:
+            raise ConfigError(f"data.fit_split must be one of {FIT_SPLITS}, got {fit_split!r}")
+        self.source = source
+        self.name = name
+        self.path = path
+        self.preprocess_cfg = dict(preprocess or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.steps_per_batch = steps_per_batch
+        self.fit_split = fit_split
+        self.shuffle_users = shuffle_users
+        self.seed = seed
+        self.splits: Splits | None = None
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        events = self.source()
+        self.splits = preprocess(events, source=self.path or self.name, **self.preprocess_cfg)
+        fit = self.splits.train if self.fit_split == "train" else self.splits.valid_train
+        counts = fit.group_by("item").agg(pl.len().alias("n")).sort("item")
+        self.item_ids = counts.get_column("item")
+        self.item_counts = counts.get_column("n").to_numpy().astype(np.int64)
+        self._vocab = counts.select("item", pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
+        self.fit_steps, _ = self._steps(fit)
+        self.eval_steps: dict[str, Steps] = {}
+        self.n_dropped: dict[str, int] = {}
+        if self.has_validation:
+            self._add_eval("val", self.splits.valid_train, self.splits.valid_test)
+        self._add_eval("test", self.splits.train, self.splits.test)
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_counts.size)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.fit_split == "valid_train"
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        assert self.splits is not None, "call setup() first"
+        return {k: split_stats(v) for k, v in self.splits.items().items()}
+
+    def _steps(self, frame: pl.DataFrame, scored: bool | None = None) -> tuple[Steps, int]:
+        """Map items to catalogue indices (dropping unknown ones) and build steps."""
+        df = frame.join(self._vocab, on="item", how="inner", maintain_order="left")
+        df = df.sort(["user", "session", "ts"], maintain_order=True)
+        user = df.get_column("user").rank("dense").to_numpy()
+        score = df.get_column("scored").to_numpy() if scored else None
+        steps = build_steps(
+            df.get_column("idx").to_numpy(), user, df.get_column("session").to_numpy(), score
+        )
+        return steps, frame.height - df.height
+
+    def _add_eval(self, stage: str, history: pl.DataFrame, heldout: pl.DataFrame) -> None:
+        users = heldout.get_column("user").unique().implode()
+        seq = pl.concat(
+            [
+                history.filter(pl.col("user").is_in(users)).with_columns(scored=pl.lit(False)),
+                heldout.with_columns(scored=pl.lit(True)),
+            ]
+        )
+        steps, _ = self._steps(seq, scored=True)
+        n_known = int(heldout.join(self._vocab, on="item", how="semi").height)
+        self.n_dropped[stage] = heldout.height - n_known
+        if not steps.score.any():
+            raise DataError(f"{self.path or self.name}: no {stage} event left to evaluate")
+        self.eval_steps[stage] = steps
+
+    # ----------------------------------------------------------- dataloaders
+    def _loader(self, steps: Steps, batch_size: int, order: np.ndarray | None) -> DataLoader:
+        plan = build_plan(steps.user, batch_size, order)
+        return DataLoader(PlanDataset(steps, plan, self.steps_per_batch), batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        order = None
+        if self.shuffle_users:
+            n_users = int(self.fit_steps.user_start.sum())
+            order = np.random.default_rng([self.seed, epoch]).permutation(n_users)
+        return self._loader(self.fit_steps, self.batch_size, order)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.has_validation:
+            return []
+        return self._loader(self.eval_steps["val"], self.eval_batch_size, None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_steps["test"], self.eval_batch_size, None)

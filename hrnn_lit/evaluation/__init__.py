@@ -1,0 +1,1 @@
+"""Evaluation: ranks from scores and metrics from ranks (knows no model class)."""

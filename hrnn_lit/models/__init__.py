@@ -1,0 +1,1 @@
+"""Models: recurrent cores, losses, sampling, the LightningModule."""

@@ -1,0 +1,119 @@
+"""The recurrent core shared by the session RNN (GRU4Rec) and the hierarchical RNN.
+
+Shapes: B slots, H session units, U user units, N candidate items.
+- input item -> its row of ``item_in`` ([n_items, 3H]: the GRU's input weights applied to a
+  one-hot item), so the input projection is a gather, not a matmul;
+- session GRU: h [B, H]; user GRU: c [B, U] (HRNN only);
+- scores: h @ out_w[items].T + out_b[items] (+ c @ out_u[items].T with user_to_output).
+
+HRNN state rules (DESIGN §2): at a user's first step h = 0 and c = 0; at any other session
+start c <- GRU_usr(h, c), with h the state after the last input of the previous session, and
+h <- dropout(act(W_init c + b_init)). ``user_propagation="all"`` also adds W_c c to the
+session GRU's reset and update gates at every step (the reference code's choice).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+PROPAGATIONS = ("none", "init", "all")
+ACTIVATIONS = {"linear": lambda x: x, "tanh": torch.tanh, "relu": torch.relu}
+
+
+class RecurrentCore(nn.Module):
+    """Session GRU with an optional user-level GRU; ``user_propagation="none"`` is GRU4Rec."""
+
+    def __init__(
+        self,
+        n_items: int,
+        hidden_size: int = 100,
+        user_hidden_size: int = 100,
+        user_propagation: str = "init",
+        user_to_output: bool = False,
+        user_to_session_act: str = "tanh",
+        final_act: str = "linear",
+        dropout_session: float = 0.0,
+        dropout_user: float = 0.0,
+        dropout_init: float = 0.0,
+    ):
+        super().__init__()
+        if user_propagation not in PROPAGATIONS:
+            raise ValueError(f"user_propagation must be one of {PROPAGATIONS}")
+        H, U = hidden_size, user_hidden_size
+        self.hidden_size, self.user_hidden_size = H, U
+        self.user_propagation = user_propagation
+        self.hierarchical = user_propagation != "none"
+        self.user_to_output = user_to_output and self.hierarchical
+        self.final_act = ACTIVATIONS[final_act]
+        self.init_act = ACTIVATIONS[user_to_session_act]
+
+        scale = (6.0 / (n_items + 3 * H)) ** 0.5
+        self.item_in = nn.Embedding(n_items, 3 * H, sparse=True)
+        nn.init.uniform_(self.item_in.weight, -scale, scale)
+        self.bias_in = nn.Parameter(torch.zeros(3 * H))
+        self.w_h = nn.Linear(H, 3 * H)
+        self.out_w = nn.Embedding(n_items, H, sparse=True)
+        out_scale = (6.0 / (n_items + H)) ** 0.5
+        nn.init.uniform_(self.out_w.weight, -out_scale, out_scale)
+        self.out_b = nn.Embedding(n_items, 1, sparse=True)
+        nn.init.zeros_(self.out_b.weight)
+        self.drop_session = nn.Dropout(dropout_session)
+        if self.hierarchical:
+            self.user_gru = nn.GRUCell(H, U)
+            self.w_init = nn.Linear(U, H)
+            self.drop_user = nn.Dropout(dropout_user)
+            self.drop_init = nn.Dropout(dropout_init)
+            if user_propagation == "all":
+                self.w_c = nn.Linear(U, 2 * H, bias=False)
+            if self.user_to_output:
+                self.out_u = nn.Embedding(n_items, U, sparse=True)
+                nn.init.zeros_(self.out_u.weight)
+
+    def initial_state(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        h = torch.zeros(batch_size, self.hidden_size, device=device)
+        c = torch.zeros(
+            batch_size, self.user_hidden_size if self.hierarchical else 0, device=device
+        )
+        return h, c
+
+    def start_sessions(
+        self, h: Tensor, c: Tensor, session_start: Tensor, user_start: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Apply the session- and user-start rules to rows flagged [B] bool."""
+        ss, us = session_start[:, None], user_start[:, None]
+        if not self.hierarchical:
+            return h.masked_fill(ss, 0.0), c
+        c_next = self.drop_user(self.user_gru(h, c))
+        c = torch.where(us, 0.0, torch.where(ss, c_next, c))
+        h0 = self.drop_init(self.init_act(self.w_init(c)))
+        h = torch.where(us, 0.0, torch.where(ss, h0, h))
+        return h, c
+
+    def step(self, item: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """One session-GRU step on input items [B]; returns the new h [B, H]."""
+        gi = self.item_in(item) + self.bias_in
+        gh = self.w_h(h)
+        i_r, i_z, i_n = gi.chunk(3, dim=1)
+        h_r, h_z, h_n = gh.chunk(3, dim=1)
+        if self.user_propagation == "all":
+            c_r, c_z = self.w_c(c).chunk(2, dim=1)
+            i_r, i_z = i_r + c_r, i_z + c_z
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return torch.lerp(n, h, z)  # (1 - z) * n + z * h
+
+    def score_items(self, h: Tensor, c: Tensor, items: Tensor) -> Tensor:
+        """Scores [B, N] of candidate items [N] (training: targets + samples)."""
+        s = torch.addmm(self.out_b(items).T, self.drop_session(h), self.out_w(items).T)
+        if self.user_to_output:
+            s = s + c @ self.out_u(items).T
+        return self.final_act(s)
+
+    def score_all(self, h: Tensor, c: Tensor) -> Tensor:
+        """Scores [B, n_items] over the whole catalogue (evaluation)."""
+        s = torch.addmm(self.out_b.weight.T, h, self.out_w.weight.T)
+        if self.user_to_output:
+            s = s + c @ self.out_u.weight.T
+        return self.final_act(s)

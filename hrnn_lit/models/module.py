@@ -1,0 +1,209 @@
+"""The LightningModule for the session RNN and every HRNN variant.
+
+One Lightning batch is a chunk of T time steps of the user-parallel plan ([T, B] tensors).
+Each time step is one optimiser update (no back-propagation through time, DESIGN §2):
+hidden states are carried from step to step detached, and across chunks on the module.
+Evaluation replays each user's history, then ranks every scored target against the whole
+catalogue; scored rows of a chunk are ranked together in blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from hrnn_lit.evaluation.metrics import metrics_from_ranks, target_ranks
+from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.models.losses import LOSSES
+from hrnn_lit.models.sampling import PopularitySampler
+
+OPTIMIZERS = ("adagrad", "adam")
+
+
+class RecurrentRecommender(pl.LightningModule):
+    """Session RNN (``user_propagation="none"``) or HRNN (``init`` / ``all``, optionally
+    ``user_to_output``), trained with a ranking loss over in-batch + sampled negatives."""
+
+    def __init__(
+        self,
+        n_items: int,
+        item_counts: np.ndarray | list[int] | None = None,
+        name: str = "hrnn_init",
+        hidden_size: int = 100,
+        user_hidden_size: int = 100,
+        user_propagation: str = "init",
+        user_to_output: bool = False,
+        user_to_session_act: str = "tanh",
+        final_act: str = "linear",
+        dropout_session: float = 0.0,
+        dropout_user: float = 0.0,
+        dropout_init: float = 0.0,
+        loss: str = "top1",
+        n_sample: int = 0,
+        sample_alpha: float = 0.5,
+        optimizer: str = "adagrad",
+        lr: float = 0.1,
+        ks: list[int] | tuple[int, ...] = (5, 10, 20),
+        ties: str = "conservative",
+        eval_block: int = 1024,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["item_counts"])
+        self.automatic_optimization = False
+        self.core = RecurrentCore(
+            n_items,
+            hidden_size=hidden_size,
+            user_hidden_size=user_hidden_size,
+            user_propagation=user_propagation,
+            user_to_output=user_to_output,
+            user_to_session_act=user_to_session_act,
+            final_act=final_act,
+            dropout_session=dropout_session,
+            dropout_user=dropout_user,
+            dropout_init=dropout_init,
+        )
+        self.loss_fn = LOSSES[loss]
+        counts = np.ones(n_items, np.int64) if item_counts is None else np.asarray(item_counts)
+        self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
+        self._sampler: PopularitySampler | None = None
+        self._train_state: tuple[Tensor, Tensor] | None = None
+        self._eval_state: tuple[Tensor, Tensor] | None = None
+        self._eval_parts: list[dict[str, Tensor]] = []
+        self.eval_outputs: dict[str, dict[str, Tensor]] = {}
+        self.eval_metrics: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------- training
+    def configure_optimizers(self):
+        hp = self.hparams
+        sparse_ids = {
+            id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
+        }
+        sparse = [p for p in self.parameters() if id(p) in sparse_ids]
+        dense = [p for p in self.parameters() if id(p) not in sparse_ids]
+        if hp.optimizer == "adagrad":  # torch's Adagrad updates only touched rows of sparse grads
+            return torch.optim.Adagrad(sparse + dense, lr=hp.lr)
+        return [torch.optim.SparseAdam(sparse, lr=hp.lr), torch.optim.Adam(dense, lr=hp.lr)]
+
+    def on_train_epoch_start(self) -> None:
+        self._train_state = None
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        inp, tgt, valid = batch["input"], batch["target"], batch["valid"]
+        T, B = inp.shape
+        h, c = self._train_state or self.core.initial_state(B, inp.device)
+        n_sample = self.hparams.n_sample
+        if n_sample > 0:
+            if self._sampler is None:
+                self._sampler = PopularitySampler(
+                    self.item_counts.cpu().numpy(), self.hparams.sample_alpha
+                ).to(inp.device)
+            samples = self._sampler.draw((T, n_sample))
+        total = torch.zeros((), device=inp.device)
+        for t in range(T):
+            if batch["any_start"][t]:
+                h, c = self.core.start_sessions(
+                    h, c, batch["session_start"][t], batch["user_start"][t]
+                )
+            h = self.core.step(inp[t], h, c)
+            items = tgt[t] if n_sample == 0 else torch.cat([tgt[t], samples[t]])
+            loss = self.loss_fn(self.core.score_items(h, c, items), valid[t])
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            for opt in opts:
+                opt.step()
+            h, c = h.detach(), c.detach()
+            total += loss.detach()
+        self._train_state = (h, c)
+        self.log(
+            "train/loss",
+            total / T,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch["n_events"],
+        )
+
+    # ----------------------------------------------------------- evaluation
+    def _eval_start(self) -> None:
+        self._eval_state = None
+        self._eval_parts = []
+
+    def unroll(
+        self, batch: dict, state: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Run the core over a chunk without updates: h [T, B, H], c [T, B, U] after each
+        step, and the final state to carry into the next chunk."""
+        inp = batch["input"]
+        T, B = inp.shape
+        h, c = state or self.core.initial_state(B, inp.device)
+        hs, cs = [], []
+        for t in range(T):
+            if batch["any_start"][t]:
+                h, c = self.core.start_sessions(
+                    h, c, batch["session_start"][t], batch["user_start"][t]
+                )
+            h = self.core.step(inp[t], h, c)
+            hs.append(h)
+            cs.append(c)
+        return torch.stack(hs), torch.stack(cs), (h, c)
+
+    def _eval_chunk(self, batch: dict) -> None:
+        hs, cs, self._eval_state = self.unroll(batch, self._eval_state)
+        if batch["n_scored"] == 0:
+            return
+        mask = batch["score"]
+        h_sel, c_sel = hs[mask], cs[mask]
+        targets = batch["target"][mask]
+        ranks = []
+        for lo in range(0, targets.numel(), self.hparams.eval_block):
+            sl = slice(lo, lo + self.hparams.eval_block)
+            scores = self.core.score_all(h_sel[sl], c_sel[sl])
+            ranks.append(target_ranks(scores, targets[sl], self.hparams.ties))
+        self._eval_parts.append(
+            {
+                "rank": torch.cat(ranks),
+                "position": batch["position"][mask],
+                "history": batch["history"][mask],
+            }
+        )
+
+    def _eval_finish(self, stage: str) -> dict[str, float]:
+        parts = self._eval_parts
+        out = {k: torch.cat([p[k] for p in parts]).cpu() for k in ("rank", "position", "history")}
+        n_items = self.core.out_w.num_embeddings
+        n_bad = int((out["rank"] > n_items).sum())
+        if n_bad:
+            raise FloatingPointError(
+                f"{stage}: {n_bad} of {out['rank'].numel()} target scores are not finite "
+                "(NaN/inf weights); refusing to report metrics"
+            )
+        metrics = metrics_from_ranks(out["rank"], self.hparams.ks, prefix=f"{stage}/")
+        metrics[f"{stage}/n_events"] = float(out["rank"].numel())
+        self.eval_outputs[stage] = out
+        self.eval_metrics[stage] = metrics
+        self._eval_parts = []
+        return metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_chunk(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._eval_parts:
+            self.log_dict(self._eval_finish("val"), prog_bar=False)
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_chunk(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._eval_finish("test"))

@@ -1,0 +1,102 @@
+"""The tasks behind the CLI: ``train`` (fit + test + results.json) and ``prepare``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hrnn_lit.callbacks import Throughput
+from hrnn_lit.config import validate
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically (temp file + rename): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def format_metrics(results: dict, stage: str = "test") -> str:
+    """The metrics table printed at the end of a run: one row per K."""
+    ks = sorted({int(k.split("@")[1]) for k in results if k.startswith(f"{stage}/recall@")})
+    lines = [
+        f"{stage} metrics: {results.get('model')} on {results.get('data')}, seed "
+        f"{results.get('seed')}, {int(results.get(f'{stage}/n_events', 0))} events, ties "
+        f"{results.get('eval/ties')}",
+        f"{'K':>4} {'Recall':>8} {'MRR':>8} {'NDCG':>8}",
+    ]
+    for k in ks:
+        lines.append(
+            f"{k:>4} {results[f'{stage}/recall@{k}']:>8.4f} {results[f'{stage}/mrr@{k}']:>8.4f} "
+            f"{results[f'{stage}/ndcg@{k}']:>8.4f}"
+        )
+    return "\n".join(lines)
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Run only the data pipeline; print and save split statistics."""
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    stats = dm.stats()
+    out = Path(cfg.paths.output_dir)
+    write_json(out / "stats.json", stats)
+    print(f"{'split':<12} {'users':>8} {'items':>8} {'sessions':>9} {'events':>9}")
+    for name, s in stats.items():
+        print(f"{name:<12} {s['users']:>8} {s['items']:>8} {s['sessions']:>9} {s['events']:>9}")
+    return stats
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit on the fit split, test on the test split, write results.json."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    out = Path(cfg.paths.output_dir)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    model = instantiate(
+        cfg.model,
+        n_items=dm.n_items,
+        item_counts=dm.item_counts,
+        ks=list(cfg.eval.ks),
+        ties=cfg.eval.ties,
+    )
+    throughput = Throughput()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [throughput]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        limit_val_batches=None if dm.has_validation else 0,
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+
+    results = {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "seed": cfg.seed,
+        "eval/ties": cfg.eval.ties,
+        "n_items": dm.n_items,
+        "data/n_dropped_test_events": dm.n_dropped["test"],
+        "perf/train_events_per_s": throughput.train_events_per_s,
+        "perf/eval_events_per_s": throughput.eval_events_per_s,
+        **model.eval_metrics.get("val", {}),
+        **model.eval_metrics["test"],
+    }
+    write_json(out / "results.json", results)
+    print(format_metrics(results))
+    print(f"results: {out / 'results.json'}")
+    return results
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg)
+    return prepare(cfg) if cfg.mode == "prepare" else train(cfg)

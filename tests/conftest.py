@@ -1,0 +1,36 @@
+"""Shared test helpers: a tiny synthetic dataset and config composition."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+TINY = [
+    "data.source.n_users=120",
+    "data.source.n_items=400",
+    "data.source.n_topics=10",
+    "data.source.n_groups=6",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.steps_per_batch=16",
+    "model.hidden_size=16",
+    "model.user_hidden_size=16",
+    "trainer.max_epochs=1",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+def compose_cfg(overrides: list[str], output_dir: Path | str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={output_dir}", *TINY, *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning():
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
