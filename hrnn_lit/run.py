@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit.callbacks import Throughput
 from hrnn_lit.config import validate
+from hrnn_lit.data.preprocess import split_stats
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -39,16 +40,32 @@ def format_metrics(results: dict, stage: str = "test") -> str:
     return "\n".join(lines)
 
 
-def prepare(cfg: DictConfig) -> dict:
-    """Run only the data pipeline; print and save split statistics."""
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    stats = dm.stats()
-    out = Path(cfg.paths.output_dir)
-    write_json(out / "stats.json", stats)
-    print(f"{'split':<12} {'users':>8} {'items':>8} {'sessions':>9} {'events':>9}")
+def format_stats(stats: dict) -> str:
+    """The paper's Table 1 columns, one row per split."""
+    lines = [f"{'split':<12} {'users':>8} {'items':>8} {'sessions':>9} {'events':>10}"]
     for name, s in stats.items():
-        print(f"{name:<12} {s['users']:>8} {s['items']:>8} {s['sessions']:>9} {s['events']:>9}")
+        lines.append(
+            f"{name:<12} {s['users']:>8} {s['items']:>8} {s['sessions']:>9} {s['events']:>10}"
+        )
+    return "\n".join(lines)
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Run only the data pipeline: write the splits (Parquet) and stats.json, print stats."""
+    dm = instantiate(cfg.data)
+    splits = dm.load_splits()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in splits.items().items():
+        tmp = out / f".{name}.parquet.tmp"
+        frame.write_parquet(tmp)
+        os.replace(tmp, out / f"{name}.parquet")
+    stats = {name: split_stats(frame) for name, frame in splits.items().items()}
+    write_json(out / "stats.json", stats)
+    state = "cached" if dm.cache_hit else "processed"
+    print(f"{cfg.data.name}: {state} ({dm.path or 'generated in memory'})")
+    print(format_stats(stats))
+    print(f"splits and stats.json: {out}")
     return stats
 
 

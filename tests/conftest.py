@@ -26,8 +26,11 @@ TINY = [
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | str):
+    """Compose conf/ with TINY's sizes; TINY's generator settings only for data=synthetic."""
+    other_data = any(o.startswith("data=") or "experiment=" in o for o in overrides)
+    tiny = [o for o in TINY if not (other_data and o.startswith("data.source."))]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={output_dir}", *TINY, *overrides])
+        return compose("config", overrides=[f"paths.output_dir={output_dir}", *tiny, *overrides])
 
 
 @pytest.fixture(autouse=True)

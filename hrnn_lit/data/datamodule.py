@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -10,6 +11,7 @@ import pytorch_lightning as pl_lightning
 from torch.utils.data import DataLoader
 
 from hrnn_lit.data.batching import PlanDataset, Steps, build_plan, build_steps
+from hrnn_lit.data.cache import cache_key, load_splits, save_splits
 from hrnn_lit.data.preprocess import Splits, preprocess, split_stats
 from hrnn_lit.errors import ConfigError, DataError
 
@@ -30,6 +32,9 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         name: str = "data",
         path: str | None = None,
         preprocess: dict | None = None,
+        cache_dir: str | None = None,
+        generate: Callable[[str], object] | None = None,
+        missing_hint: str = "",
         batch_size: int = 100,
         eval_batch_size: int = 512,
         steps_per_batch: int = 64,
@@ -44,6 +49,9 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.name = name
         self.path = path
         self.preprocess_cfg = dict(preprocess or {})
+        self.cache_dir = cache_dir
+        self.generate = generate
+        self.missing_hint = missing_hint
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.steps_per_batch = steps_per_batch
@@ -51,13 +59,36 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.shuffle_users = shuffle_users
         self.seed = seed
         self.splits: Splits | None = None
+        self.cache_hit = False
 
     # ----------------------------------------------------------------- setup
+    def load_splits(self) -> Splits:
+        """Read + preprocess the raw data, or load the cached result of that."""
+        if self.path is not None and self.generate is not None and not Path(self.path).exists():
+            self.generate(self.path)  # generated raw file (e.g. synthetic XING format)
+        if self.path is None and "path" in getattr(self.source, "keywords", {}):
+            raise DataError(f"data.path is not set for data '{self.name}'. {self.missing_hint}")
+        if self.path is not None and not Path(self.path).exists():
+            raise DataError(f"{self.path}: file not found (data.path). {self.missing_hint}")
+        entry = None
+        if self.cache_dir is not None:
+            key = cache_key(self.path, self.source, self.preprocess_cfg)
+            entry = Path(self.cache_dir) / f"{self.name}-{key}"
+            cached = load_splits(entry)
+            if cached is not None:
+                self.cache_hit = True
+                return cached
+        events = self.source()
+        splits = preprocess(events, source=self.path or self.name, **self.preprocess_cfg)
+        if entry is not None:
+            save_splits(splits, entry)
+        self.cache_hit = False
+        return splits
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
-        events = self.source()
-        self.splits = preprocess(events, source=self.path or self.name, **self.preprocess_cfg)
+        self.splits = self.load_splits()
         fit = self.splits.train if self.fit_split == "train" else self.splits.valid_train
         counts = fit.group_by("item").agg(pl.len().alias("n")).sort("item")
         self.item_ids = counts.get_column("item")

@@ -1,16 +1,4 @@
-"""Seeded synthetic event streams with real cross-session structure.
-
-Items are split into topics with Zipf popularity inside each topic. Users belong to taste
-groups; a group has a few favourite topics and a pool of favourite items drawn from a shared
-set of ``n_hot`` items (so one item is a favourite of several groups), with sharp Zipf
-weights in a group-specific order. Each session follows one of the group's topics, and each
-event is, with probability ``p_repeat``, one of the group's favourites, otherwise a popular
-item of the session's topic. One click says little about the group, but a user's past
-sessions say a lot: a model that remembers the user can rank the group's favourites from the
-first click, a session-only model must guess them from the current session alone.
-Timestamps put idle gaps of hours to days between sessions and seconds to minutes between
-clicks, so idle-gap sessionising recovers the generated sessions.
-"""
+"""Seeded synthetic event streams with real cross-session structure (experimental draft)."""
 
 from __future__ import annotations
 
@@ -36,6 +24,9 @@ def generate_events(
     mean_sessions: float = 8.0,
     mean_session_len: float = 6.0,
     p_repeat: float = 0.5,
+    p_revisit: float = 0.0,
+    revisit_decay: float = 1.0,
+    revisit_depth: int = 3,
     zipf_exponent: float = 1.0,
     seed: int = 0,
 ) -> pl.DataFrame:
@@ -54,7 +45,6 @@ def generate_events(
     user_topics = group_topics[group]
     topic_weights = rng.dirichlet(np.ones(topics_per_user), size=n_users)
 
-    # Sessions: at least 2 per user, each of at least 2 events.
     n_sessions = 2 + rng.poisson(max(mean_sessions - 2.0, 0.0), size=n_users)
     ses_user = np.repeat(np.arange(n_users), n_sessions)
     pick = (rng.random(ses_user.size)[:, None] > np.cumsum(topic_weights, 1)[ses_user]).sum(1)
@@ -71,7 +61,21 @@ def generate_events(
     pool_item = group_pool[group[ev_user], pool_rank]
     item = np.where(from_pool, pool_item, topic_item)
 
-    # Time: gaps of 1 h to 5 days between sessions, 5 s to 10 min between clicks.
+    # Revisits: an event re-uses an item of one of the user's earlier sessions.
+    ses_start = np.cumsum(ses_len) - ses_len
+    user_first_ses = (np.cumsum(n_sessions) - n_sessions)[ses_user]
+    n_earlier = (np.arange(ses_user.size) - user_first_ses)[ev_ses]
+    back = rng.geometric(1.0 / revisit_decay, size=ev_ses.size) if revisit_decay > 1 else np.ones(
+        ev_ses.size, np.int64
+    )
+    back = np.minimum(back, n_earlier)
+    is_ref = (rng.random(ev_ses.size) < p_revisit) & (n_earlier > 0)
+    src_ses = ev_ses - back
+    src = ses_start[src_ses] + (rng.random(ev_ses.size) * ses_len[src_ses]).astype(np.int64)
+    src = np.where(is_ref, src, np.arange(ev_ses.size))
+    for _ in range(revisit_depth):
+        item = item[src]
+
     first = np.r_[True, ev_ses[1:] != ev_ses[:-1]]
     gap = np.where(
         first,

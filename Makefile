@@ -1,0 +1,22 @@
+PYTHON ?= python
+# torch is installed first, only when missing: a CUDA build you installed stays. On a
+# CPU-only machine this takes the CPU wheel of torch 2.13.0 (see README for GPU set-up).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test lint bench-data run
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+lint:
+	ruff check hrnn_lit tests experiments
+
+run:
+	$(PYTHON) -m hrnn_lit
+
+bench-data:
+	$(PYTHON) experiments/bench_prepare.py --json bench_prepare.json
