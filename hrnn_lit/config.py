@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
-from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS
+from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS, RESETS
 from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.module import OPTIMIZERS
 
@@ -63,8 +63,18 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"eval.ks must hold positive integers, got {k!r}")
     _choice(cfg, "eval.ties", TIES)
+    _int(cfg, "trainer.max_epochs", 1)
+    if "hidden_size" in cfg.model:
+        validate_rnn(cfg)
+
+
+def validate_rnn(cfg: DictConfig) -> None:
+    """Keys of the recurrent models (session RNN, RNN Concat, HRNN)."""
     _int(cfg, "model.hidden_size", 1)
     _choice(cfg, "model.user_propagation", PROPAGATIONS)
+    _choice(cfg, "model.reset_at", RESETS)
+    if cfg.model.reset_at == "user" and cfg.model.user_propagation != "none":
+        raise ConfigError("model.reset_at=user (RNN Concat) needs model.user_propagation=none")
     if cfg.model.user_propagation != "none":
         _int(cfg, "model.user_hidden_size", 1)
     _choice(cfg, "model.loss", LOSSES)
@@ -74,6 +84,9 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "model.n_sample", 0)
     _float(cfg, "model.sample_alpha", 0.0)
     _float(cfg, "model.lr", 0.0)
+    _float(cfg, "model.momentum", 0.0, 0.999)
+    _float(cfg, "model.weight_decay", 0.0)
+    _float(cfg, "model.clip_grad_norm", 0.0)
+    _float(cfg, "model.bpreg", 0.0)
     for key in ("dropout_session", "dropout_user", "dropout_init"):
         _float(cfg, f"model.{key}", 0.0, 0.999)
-    _int(cfg, "trainer.max_epochs", 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from hrnn_lit.callbacks import Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
+from hrnn_lit.evaluation.evaluator import breakdowns
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -93,7 +95,15 @@ def train(cfg: DictConfig) -> dict:
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=dm)
+    if getattr(model, "trainable", True):
+        trainer.fit(model, datamodule=dm)
+    else:  # non-neural baselines: fit from the training steps, no gradient steps
+        t0 = time.perf_counter()
+        model.fit_data(dm.fit_steps)
+        throughput.train_events = len(dm.fit_steps)
+        throughput.train_seconds = time.perf_counter() - t0
+        if dm.has_validation:
+            trainer.validate(model, datamodule=dm, verbose=False)
     trainer.test(model, datamodule=dm, verbose=False)
 
     results = {
@@ -107,6 +117,7 @@ def train(cfg: DictConfig) -> dict:
         "perf/eval_events_per_s": throughput.eval_events_per_s,
         **model.eval_metrics.get("val", {}),
         **model.eval_metrics["test"],
+        **breakdowns(model.eval_outputs["test"], list(cfg.eval.ks)),
     }
     write_json(out / "results.json", results)
     print(format_metrics(results))

@@ -13,7 +13,7 @@ from hrnn_lit.errors import ConfigError
 from hrnn_lit.run import run
 from tests.conftest import TINY, compose_cfg
 
-MODELS = ["session_rnn", "hrnn_init", "hrnn_all", "hrnn_init_output"]
+MODELS = ["session_rnn", "rnn_concat", "hrnn_init", "hrnn_all", "hrnn_init_output"]
 KS = (5, 10, 20)
 
 

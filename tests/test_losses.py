@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hrnn_lit.models.losses import bpr, cross_entropy, top1
+from hrnn_lit.models.losses import bpr, bpr_max, cross_entropy, top1, top1_max
 
 
 def sig(x: float) -> float:
@@ -39,7 +39,7 @@ def test_cross_entropy_by_hand():
     assert cross_entropy(S, valid).item() == pytest.approx((r0 + r1) / 2, rel=1e-6)
 
 
-@pytest.mark.parametrize("loss", [top1, bpr, cross_entropy])
+@pytest.mark.parametrize("loss", [top1, bpr, cross_entropy, top1_max, bpr_max])
 def test_masked_slot_is_ignored_everywhere(loss):
     """An empty slot's row is ignored and its column is no negative for anyone."""
     valid = torch.tensor([True, False])
@@ -49,3 +49,28 @@ def test_masked_slot_is_ignored_everywhere(loss):
     garbage[1] = 1e6
     garbage[0, 1] = 1e6
     assert loss(garbage, valid).item() == pytest.approx(loss(S, valid).item())
+
+
+def softmax_negs(row: list[float], pos_idx: int) -> list[float]:
+    e = [math.exp(v) if j != pos_idx else 0.0 for j, v in enumerate(row)]
+    z = sum(e)
+    return [x / z for x in e]
+
+
+def test_top1_max_by_hand():
+    valid = torch.tensor([True, True])
+    total = 0.0
+    for i, row in enumerate(S.tolist()):
+        w = softmax_negs(row, i)
+        total += sum(w[j] * (sig(row[j] - row[i]) + sig(row[j] ** 2)) for j in range(3) if j != i)
+    assert top1_max(S, valid).item() == pytest.approx(total / 2, rel=1e-6)
+
+
+def test_bpr_max_by_hand():
+    valid = torch.tensor([True, True])
+    total = 0.0
+    for i, row in enumerate(S.tolist()):
+        w = softmax_negs(row, i)
+        p = sum(w[j] * sig(row[i] - row[j]) for j in range(3) if j != i)
+        total += -math.log(p) + 0.5 * sum(w[j] * row[j] ** 2 for j in range(3) if j != i)
+    assert bpr_max(S, valid, bpreg=0.5).item() == pytest.approx(total / 2, rel=1e-6)

@@ -8,7 +8,9 @@ Shapes: B slots, H session units, U user units, N candidate items.
 
 HRNN state rules (DESIGN §2): at a user's first step h = 0 and c = 0; at any other session
 start c <- GRU_usr(h, c), with h the state after the last input of the previous session, and
-h <- dropout(act(W_init c + b_init)). ``user_propagation="all"`` also adds W_c c to the
+h <- dropout(act(W_init c + b_init)). Without a user level, h is zeroed at every session
+start (GRU4Rec) or only at user starts (``reset_at="user"``: the paper's RNN Concat, one
+sequence of all of a user's sessions). ``user_propagation="all"`` also adds W_c c to the
 session GRU's reset and update gates at every step (the reference code's choice).
 """
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 PROPAGATIONS = ("none", "init", "all")
+RESETS = ("session", "user")
 ACTIVATIONS = {"linear": lambda x: x, "tanh": torch.tanh, "relu": torch.relu}
 
 
@@ -32,6 +35,7 @@ class RecurrentCore(nn.Module):
         user_propagation: str = "init",
         user_to_output: bool = False,
         user_to_session_act: str = "tanh",
+        reset_at: str = "session",
         final_act: str = "linear",
         dropout_session: float = 0.0,
         dropout_user: float = 0.0,
@@ -40,6 +44,9 @@ class RecurrentCore(nn.Module):
         super().__init__()
         if user_propagation not in PROPAGATIONS:
             raise ValueError(f"user_propagation must be one of {PROPAGATIONS}")
+        if reset_at not in RESETS or (reset_at == "user" and user_propagation != "none"):
+            raise ValueError("reset_at='user' (RNN Concat) needs user_propagation='none'")
+        self.reset_at = reset_at
         H, U = hidden_size, user_hidden_size
         self.hidden_size, self.user_hidden_size = H, U
         self.user_propagation = user_propagation
@@ -82,8 +89,8 @@ class RecurrentCore(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Apply the session- and user-start rules to rows flagged [B] bool."""
         ss, us = session_start[:, None], user_start[:, None]
-        if not self.hierarchical:
-            return h.masked_fill(ss, 0.0), c
+        if not self.hierarchical:  # GRU4Rec resets per session, RNN Concat per user
+            return h.masked_fill(us if self.reset_at == "user" else ss, 0.0), c
         c_next = self.drop_user(self.user_gru(h, c))
         c = torch.where(us, 0.0, torch.where(ss, c_next, c))
         h0 = self.drop_init(self.init_act(self.w_init(c)))

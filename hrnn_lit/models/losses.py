@@ -49,4 +49,33 @@ def bpr(scores: Tensor, row_valid: Tensor) -> Tensor:
     return (_row_mean(per_neg, neg) * row_valid).sum() / n
 
 
-LOSSES = {"cross-entropy": cross_entropy, "top1": top1, "bpr": bpr}
+def _neg_softmax(scores: Tensor, neg: Tensor) -> Tensor:
+    """Softmax over each row's negatives only (zero weight elsewhere)."""
+    return torch.softmax(scores.masked_fill(~neg, float("-inf")), dim=1).nan_to_num(0.0)
+
+
+def top1_max(scores: Tensor, row_valid: Tensor) -> Tensor:
+    """TOP1-max (GRU4Rec 2018): TOP1 terms weighted by the softmax over the negatives."""
+    pos, neg, n = _masks(scores, row_valid)
+    w = _neg_softmax(scores, neg)
+    per_row = (w * (torch.sigmoid(scores - pos[:, None]) + torch.sigmoid(scores * scores))).sum(1)
+    return (per_row * row_valid).sum() / n
+
+
+def bpr_max(scores: Tensor, row_valid: Tensor, bpreg: float = 1.0) -> Tensor:
+    """BPR-max (GRU4Rec 2018): -log sum_j w_j sigmoid(r_pos - r_j) + bpreg sum_j w_j r_j^2,
+    w = softmax over the negatives."""
+    pos, neg, n = _masks(scores, row_valid)
+    w = _neg_softmax(scores, neg)
+    p = (w * torch.sigmoid(pos[:, None] - scores)).sum(1)
+    per_row = -torch.log(p + 1e-24) + bpreg * (w * scores * scores).sum(1)
+    return (per_row * row_valid).sum() / n
+
+
+LOSSES = {
+    "cross-entropy": cross_entropy,
+    "top1": top1,
+    "bpr": bpr,
+    "top1-max": top1_max,
+    "bpr-max": bpr_max,
+}

@@ -9,17 +9,20 @@ catalogue; scored rows of a chunk are ranked together in blocks.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from hrnn_lit.evaluation.metrics import metrics_from_ranks, target_ranks
+from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES
+from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.models.sampling import PopularitySampler
 
-OPTIMIZERS = ("adagrad", "adam")
+OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
 
 
 class RecurrentRecommender(pl.LightningModule):
@@ -36,15 +39,20 @@ class RecurrentRecommender(pl.LightningModule):
         user_propagation: str = "init",
         user_to_output: bool = False,
         user_to_session_act: str = "tanh",
+        reset_at: str = "session",
         final_act: str = "linear",
         dropout_session: float = 0.0,
         dropout_user: float = 0.0,
         dropout_init: float = 0.0,
         loss: str = "top1",
+        bpreg: float = 1.0,
         n_sample: int = 0,
         sample_alpha: float = 0.5,
         optimizer: str = "adagrad",
         lr: float = 0.1,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        clip_grad_norm: float = 0.0,
         ks: list[int] | tuple[int, ...] = (5, 10, 20),
         ties: str = "conservative",
         eval_block: int = 1024,
@@ -59,39 +67,41 @@ class RecurrentRecommender(pl.LightningModule):
             user_propagation=user_propagation,
             user_to_output=user_to_output,
             user_to_session_act=user_to_session_act,
+            reset_at=reset_at,
             final_act=final_act,
             dropout_session=dropout_session,
             dropout_user=dropout_user,
             dropout_init=dropout_init,
         )
-        self.loss_fn = LOSSES[loss]
+        self.loss_fn = (
+            functools.partial(LOSSES[loss], bpreg=bpreg) if loss == "bpr-max" else LOSSES[loss]
+        )
         counts = np.ones(n_items, np.int64) if item_counts is None else np.asarray(item_counts)
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
         self._train_state: tuple[Tensor, Tensor] | None = None
         self._eval_state: tuple[Tensor, Tensor] | None = None
-        self._eval_parts: list[dict[str, Tensor]] = []
+        self._collector = RankCollector(ties)
         self.eval_outputs: dict[str, dict[str, Tensor]] = {}
         self.eval_metrics: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------- training
     def configure_optimizers(self):
         hp = self.hparams
-        sparse_ids = {
-            id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
-        }
-        sparse = [p for p in self.parameters() if id(p) in sparse_ids]
-        dense = [p for p in self.parameters() if id(p) not in sparse_ids]
-        if hp.optimizer == "adagrad":  # torch's Adagrad updates only touched rows of sparse grads
-            return torch.optim.Adagrad(sparse + dense, lr=hp.lr)
-        return [torch.optim.SparseAdam(sparse, lr=hp.lr), torch.optim.Adam(dense, lr=hp.lr)]
+        return SparseRowOptimizer(
+            self.parameters(),
+            kind=hp.optimizer,
+            lr=hp.lr,
+            momentum=hp.momentum,
+            weight_decay=hp.weight_decay,
+        )
 
     def on_train_epoch_start(self) -> None:
         self._train_state = None
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
+        opt = self.optimizers()
+        clip = self.hparams.clip_grad_norm
         inp, tgt, valid = batch["input"], batch["target"], batch["valid"]
         T, B = inp.shape
         h, c = self._train_state or self.core.initial_state(B, inp.device)
@@ -111,11 +121,11 @@ class RecurrentRecommender(pl.LightningModule):
             h = self.core.step(inp[t], h, c)
             items = tgt[t] if n_sample == 0 else torch.cat([tgt[t], samples[t]])
             loss = self.loss_fn(self.core.score_items(h, c, items), valid[t])
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            for opt in opts:
-                opt.step()
+            if clip > 0:
+                clip_grad_norm_(list(self.parameters()), clip)
+            opt.step()
             h, c = h.detach(), c.detach()
             total += loss.detach()
         self._train_state = (h, c)
@@ -131,7 +141,7 @@ class RecurrentRecommender(pl.LightningModule):
     # ----------------------------------------------------------- evaluation
     def _eval_start(self) -> None:
         self._eval_state = None
-        self._eval_parts = []
+        self._collector = RankCollector(self.hparams.ties)
 
     def unroll(
         self, batch: dict, state: tuple[Tensor, Tensor] | None = None
@@ -158,35 +168,17 @@ class RecurrentRecommender(pl.LightningModule):
             return
         mask = batch["score"]
         h_sel, c_sel = hs[mask], cs[mask]
-        targets = batch["target"][mask]
-        ranks = []
-        for lo in range(0, targets.numel(), self.hparams.eval_block):
-            sl = slice(lo, lo + self.hparams.eval_block)
+        targets, position, history = (batch[k][mask] for k in ("target", "position", "history"))
+        block = self.hparams.eval_block
+        for lo in range(0, targets.numel(), block):
+            sl = slice(lo, lo + block)
             scores = self.core.score_all(h_sel[sl], c_sel[sl])
-            ranks.append(target_ranks(scores, targets[sl], self.hparams.ties))
-        self._eval_parts.append(
-            {
-                "rank": torch.cat(ranks),
-                "position": batch["position"][mask],
-                "history": batch["history"][mask],
-            }
-        )
+            self._collector.add(scores, targets[sl], position[sl], history[sl])
 
     def _eval_finish(self, stage: str) -> dict[str, float]:
-        parts = self._eval_parts
-        out = {k: torch.cat([p[k] for p in parts]).cpu() for k in ("rank", "position", "history")}
-        n_items = self.core.out_w.num_embeddings
-        n_bad = int((out["rank"] > n_items).sum())
-        if n_bad:
-            raise FloatingPointError(
-                f"{stage}: {n_bad} of {out['rank'].numel()} target scores are not finite "
-                "(NaN/inf weights); refusing to report metrics"
-            )
-        metrics = metrics_from_ranks(out["rank"], self.hparams.ks, prefix=f"{stage}/")
-        metrics[f"{stage}/n_events"] = float(out["rank"].numel())
-        self.eval_outputs[stage] = out
+        metrics, outputs = self._collector.finish(stage, self.hparams.ks)
+        self.eval_outputs[stage] = outputs
         self.eval_metrics[stage] = metrics
-        self._eval_parts = []
         return metrics
 
     def on_validation_epoch_start(self) -> None:
@@ -196,8 +188,8 @@ class RecurrentRecommender(pl.LightningModule):
         self._eval_chunk(batch)
 
     def on_validation_epoch_end(self) -> None:
-        if self._eval_parts:
-            self.log_dict(self._eval_finish("val"), prog_bar=False)
+        if len(self._collector):
+            self.log_dict(self._eval_finish("val"))
 
     def on_test_epoch_start(self) -> None:
         self._eval_start()

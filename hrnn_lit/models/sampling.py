@@ -11,7 +11,8 @@ class PopularitySampler:
     """Draws item indices with P(i) proportional to count_i ** alpha (alpha=0: uniform)."""
 
     def __init__(self, counts: np.ndarray, alpha: float = 0.5):
-        weights = torch.as_tensor(counts, dtype=torch.float64).clamp(min=0) ** alpha
+        counts = torch.as_tensor(counts, dtype=torch.float64).clamp(min=0)
+        weights = torch.where(counts > 0, counts**alpha, 0.0)  # 0 ** 0 would be 1
         if weights.sum() <= 0:
             raise ValueError("item counts must not all be zero")
         cdf = torch.cumsum(weights, 0)

@@ -1,0 +1,89 @@
+"""Collects per-event ranks over the batches of one evaluation pass and turns them into
+metrics and breakdowns. Models hand it scores; it knows no model class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from hrnn_lit.evaluation.metrics import metrics_from_ranks, target_ranks
+
+FIELDS = ("rank", "position", "history")
+
+
+class RankCollector:
+    """Ranks of scored targets with their position in session and the user's history
+    length (number of earlier sessions), for one stage (val or test)."""
+
+    def __init__(self, ties: str = "conservative"):
+        self.ties = ties
+        self._parts: list[dict[str, Tensor]] = []
+
+    def add(self, scores: Tensor, targets: Tensor, position: Tensor, history: Tensor) -> None:
+        """Scores [N, n_items] for N scored events with their targets [N]."""
+        self._parts.append(
+            {
+                "rank": target_ranks(scores, targets, self.ties),
+                "position": position,
+                "history": history,
+                "n_items": torch.full_like(targets, scores.shape[1]),
+            }
+        )
+
+    def __len__(self) -> int:
+        return sum(p["rank"].numel() for p in self._parts)
+
+    def finish(
+        self, stage: str, ks, gather: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """Metrics named ``{stage}/recall@K`` etc. and the per-event tensors. ``gather``
+        concatenates a tensor across processes (DDP) before the metrics are computed."""
+        if not self._parts:
+            raise RuntimeError(f"{stage}: no scored event was evaluated")
+        out = {k: torch.cat([p[k] for p in self._parts]) for k in (*FIELDS, "n_items")}
+        if gather is not None:
+            out = {k: gather(v) for k, v in out.items()}
+        out = {k: v.cpu() for k, v in out.items()}
+        n_bad = int((out["rank"] > out["n_items"]).sum())
+        if n_bad:
+            raise FloatingPointError(
+                f"{stage}: {n_bad} of {out['rank'].numel()} target scores are not finite "
+                "(NaN/inf weights); refusing to report metrics"
+            )
+        del out["n_items"]
+        metrics = metrics_from_ranks(out["rank"], ks, prefix=f"{stage}/")
+        metrics[f"{stage}/n_events"] = float(out["rank"].numel())
+        self._parts = []
+        return metrics, out
+
+
+def position_bucket(position: Tensor, cap: int = 10) -> Tensor:
+    """Position in session 1..cap-1, and cap for cap and beyond."""
+    return position.clamp(max=cap)
+
+
+def history_bucket(history: Tensor) -> Tensor:
+    """User history length in log2 buckets: 0, 1, 2-3, 4-7, 8-15, ... (lower bound)."""
+    h = history.clamp(min=0)
+    bucket = torch.where(h > 0, 2 ** torch.floor(torch.log2(h.clamp(min=1).double())), 0)
+    return bucket.long()
+
+
+def breakdowns(outputs: dict[str, Tensor], ks, stage: str = "test") -> dict[str, float]:
+    """Metrics by position in session (``{stage}_by_position/P/...``, P=10 means 10+) and by
+    user history length (``{stage}_by_history/H/...``, H = bucket lower bound), with the
+    number of events of each group (``.../n_events``)."""
+    out: dict[str, float] = {}
+    groups = {
+        "position": position_bucket(outputs["position"]),
+        "history": history_bucket(outputs["history"]),
+    }
+    for name, g in groups.items():
+        for value in torch.unique(g).tolist():
+            sel = g == value
+            prefix = f"{stage}_by_{name}/{value}/"
+            out.update(metrics_from_ranks(outputs["rank"][sel], ks, prefix=prefix))
+            out[f"{prefix}n_events"] = float(sel.sum())
+    return out
