@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install -e ".[dev]"
 
 test:
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -p no:cacheprovider
 
 lint:
 	ruff check hrnn_lit tests experiments

@@ -15,6 +15,7 @@ from hrnn_lit.callbacks import Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
 from hrnn_lit.evaluation.evaluator import breakdowns
+from hrnn_lit.loggers import finish, log_results, name_wandb_runs
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -86,7 +87,22 @@ def train(cfg: DictConfig) -> dict:
     )
     throughput = Throughput()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [throughput]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    logger_cfgs = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
+    logger_cfgs = OmegaConf.create(logger_cfgs)
+    name_wandb_runs(logger_cfgs)
+    loggers = [instantiate(c) for c in logger_cfgs.values()]
+    try:
+        results = _fit_and_test(cfg, dm, model, callbacks, loggers, throughput)
+        log_results(loggers, results)
+    finally:
+        finish(loggers)
+    write_json(out / "results.json", results)
+    print(format_metrics(results))
+    print(f"results: {out / 'results.json'}")
+    return results
+
+
+def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput: Throughput) -> dict:
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -119,9 +135,6 @@ def train(cfg: DictConfig) -> dict:
         **model.eval_metrics["test"],
         **breakdowns(model.eval_outputs["test"], list(cfg.eval.ks)),
     }
-    write_json(out / "results.json", results)
-    print(format_metrics(results))
-    print(f"results: {out / 'results.json'}")
     return results
 
 
