@@ -10,7 +10,7 @@ from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS, RESETS
 from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.module import OPTIMIZERS
 
-MODES = ("train", "prepare")
+MODES = ("train", "test", "prepare")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -56,6 +56,11 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "data.fit_split", ("valid_train", "train"))
     if cfg.mode == "prepare":
         return
+    if cfg.mode == "test" and not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path must name a checkpoint when mode=test")
+    devices = _get(cfg, "trainer.devices")
+    if not (isinstance(devices, int) and devices >= 1 or OmegaConf.is_list(devices)):
+        raise ConfigError(f"trainer.devices must be an integer >= 1 or a list, got {devices!r}")
     ks = _get(cfg, "eval.ks")
     if not OmegaConf.is_list(ks) or len(ks) == 0:
         raise ConfigError(f"eval.ks must be a non-empty list of positive integers, got {ks!r}")

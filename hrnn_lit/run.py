@@ -8,13 +8,16 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hrnn_lit import distributed
 from hrnn_lit.callbacks import Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
 from hrnn_lit.evaluation.evaluator import breakdowns
+from hrnn_lit.errors import ConfigError
 from hrnn_lit.loggers import finish, log_results, name_wandb_runs
 
 
@@ -73,10 +76,24 @@ def prepare(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit on the fit split, test on the test split, write results.json."""
+    """Fit on the fit split (``mode=train``; ``mode=test`` loads ``ckpt_path`` instead), test
+    on the test split, write results.json. With ``trainer.devices=N > 1`` this runs as rank
+    0 of N data-parallel processes (hrnn_lit.distributed)."""
+    world = distributed.setup(cfg)
+    ok = False
+    try:
+        results = _train_rank(cfg, world)
+        ok = True
+    finally:
+        distributed.teardown(world, failed=not ok)
+    return results
+
+
+def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     dm = instantiate(cfg.data)
+    dm.shard(world.rank, world.size)
     dm.setup("fit")
     model = instantiate(
         cfg.model,
@@ -85,34 +102,64 @@ def train(cfg: DictConfig) -> dict:
         ks=list(cfg.eval.ks),
         ties=cfg.eval.ties,
     )
+    if cfg.get("ckpt_path") and cfg.mode == "test":
+        load_weights(model, cfg.ckpt_path)
+    if world.size > 1:
+        for p in model.state_dict().values():
+            torch.distributed.broadcast(p, 0)
+        torch.manual_seed(cfg.seed * 1000 + world.rank)  # own negatives and dropout per rank
     throughput = Throughput()
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [throughput]
-    logger_cfgs = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
-    logger_cfgs = OmegaConf.create(logger_cfgs)
-    name_wandb_runs(logger_cfgs)
-    loggers = [instantiate(c) for c in logger_cfgs.values()]
+    callbacks = [throughput]
+    loggers = []
+    if world.is_main:
+        callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+        logger_cfgs = OmegaConf.create(
+            OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {}
+        )
+        name_wandb_runs(logger_cfgs)
+        loggers = [instantiate(c) for c in logger_cfgs.values()]
     try:
-        results = _fit_and_test(cfg, dm, model, callbacks, loggers, throughput)
+        results = _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world)
         log_results(loggers, results)
     finally:
         finish(loggers)
-    write_json(out / "results.json", results)
-    print(format_metrics(results))
-    print(f"results: {out / 'results.json'}")
+    if world.is_main:
+        write_json(out / "results.json", results)
+        print(format_metrics(results))
+        print(f"results: {out / 'results.json'}")
     return results
 
 
-def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput: Throughput) -> dict:
+def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
+    """Model weights from a Lightning checkpoint (or a bare state dict)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: checkpoint {path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state.get("state_dict", state))
+
+
+def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world) -> dict:
+    per_rank = {}
+    if world.size > 1:  # one single-device Trainer per rank
+        gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda")
+        per_rank = {"devices": [world.local_rank] if gpu else 1, "strategy": "auto"}
+        if not world.is_main:
+            per_rank["enable_progress_bar"] = False
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         limit_val_batches=None if dm.has_validation else 0,
+        **per_rank,
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    if getattr(model, "trainable", True):
-        trainer.fit(model, datamodule=dm)
+    if cfg.mode == "test":
+        pass  # evaluate the loaded checkpoint only
+    elif getattr(model, "trainable", True):
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        distributed.check_in_sync(model)
     else:  # non-neural baselines: fit from the training steps, no gradient steps
         t0 = time.perf_counter()
         model.fit_data(dm.fit_steps)
@@ -126,6 +173,7 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput: Throughput) ->
         "model": cfg.model.name,
         "data": cfg.data.name,
         "seed": cfg.seed,
+        "world_size": world.size,
         "eval/ties": cfg.eval.ties,
         "n_items": dm.n_items,
         "data/n_dropped_test_events": dm.n_dropped["test"],

@@ -67,6 +67,32 @@ def build_steps(
     )
 
 
+def user_lengths(steps_user: np.ndarray) -> np.ndarray:
+    """Number of steps of each user (users in order of appearance; groups are contiguous)."""
+    if steps_user.size == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, steps_user[1:] != steps_user[:-1]])
+    return np.diff(np.r_[starts, steps_user.size])
+
+
+def shard_users(lengths: np.ndarray, world_size: int) -> np.ndarray:
+    """Rank of each user, balancing steps: users by decreasing length dealt in snake order
+    (0, 1, ..., N-1, N-1, ..., 0, ...). Disjoint, deterministic, no communication."""
+    order = np.argsort(-lengths, kind="stable")
+    lap = np.arange(order.size) % (2 * world_size)
+    ranks = np.where(lap < world_size, lap, 2 * world_size - 1 - lap)
+    out = np.empty(order.size, np.int64)
+    out[order] = ranks
+    return out
+
+
+def select_users(steps: Steps, keep_user: np.ndarray) -> Steps:
+    """The steps of the users (by order of appearance) where ``keep_user`` is True."""
+    group = np.repeat(np.arange(keep_user.size), user_lengths(steps.user))
+    mask = keep_user[group]
+    return Steps(**{f: getattr(steps, f)[mask] for f in Steps.__dataclass_fields__})
+
+
 def schedule_users(lengths: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Greedy slot assignment: users in the given order, each to the earliest-free slot
     (lowest slot on ties). Returns (slot, start_time) per user. One heap op per user."""

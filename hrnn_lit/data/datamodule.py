@@ -10,7 +10,15 @@ import polars as pl
 import pytorch_lightning as pl_lightning
 from torch.utils.data import DataLoader
 
-from hrnn_lit.data.batching import PlanDataset, Steps, build_plan, build_steps
+from hrnn_lit.data.batching import (
+    PlanDataset,
+    Steps,
+    build_plan,
+    build_steps,
+    select_users,
+    shard_users,
+    user_lengths,
+)
 from hrnn_lit.data.cache import cache_key, load_splits, save_splits
 from hrnn_lit.data.preprocess import Splits, preprocess, split_stats
 from hrnn_lit.errors import ConfigError, DataError
@@ -60,6 +68,11 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.seed = seed
         self.splits: Splits | None = None
         self.cache_hit = False
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Give this process a disjoint, step-balanced share of the users (DDP)."""
+        self.rank, self.world_size = rank, world_size
 
     # ----------------------------------------------------------------- setup
     def load_splits(self) -> Splits:
@@ -140,17 +153,31 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.eval_steps[stage] = steps
 
     # ----------------------------------------------------------- dataloaders
-    def _loader(self, steps: Steps, batch_size: int, order: np.ndarray | None) -> DataLoader:
-        plan = build_plan(steps.user, batch_size, order)
-        return DataLoader(PlanDataset(steps, plan, self.steps_per_batch), batch_size=None)
+    def _shards(self, steps: Steps) -> list[Steps]:
+        if self.world_size == 1:
+            return [steps]
+        rank_of = shard_users(user_lengths(steps.user), self.world_size)
+        return [select_users(steps, rank_of == r) for r in range(self.world_size)]
+
+    def _loader(self, steps: Steps, batch_size: int, epoch: int | None) -> DataLoader:
+        """This rank's plan; for training (``epoch`` given) users are shuffled per epoch and
+        every rank's plan is padded to the longest, so all ranks run the same steps."""
+        plans = []
+        for shard in self._shards(steps):
+            order = None
+            if epoch is not None and self.shuffle_users:
+                n_users = int(shard.user_start.sum())
+                order = np.random.default_rng([self.seed, epoch]).permutation(n_users)
+            plans.append((shard, build_plan(shard.user, batch_size, order)))
+        shard, plan = plans[self.rank]
+        if epoch is not None:
+            longest = max(p.shape[0] for _, p in plans)
+            plan = np.vstack([plan, np.full((longest - plan.shape[0], batch_size), -1)])
+        return DataLoader(PlanDataset(shard, plan, self.steps_per_batch), batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        order = None
-        if self.shuffle_users:
-            n_users = int(self.fit_steps.user_start.sum())
-            order = np.random.default_rng([self.seed, epoch]).permutation(n_users)
-        return self._loader(self.fit_steps, self.batch_size, order)
+        return self._loader(self.fit_steps, self.batch_size, epoch)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:

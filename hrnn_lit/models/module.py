@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from hrnn_lit import distributed
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES
@@ -96,12 +97,18 @@ class RecurrentRecommender(pl.LightningModule):
             weight_decay=hp.weight_decay,
         )
 
+    @property
+    def _world_size(self) -> int:
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
     def on_train_epoch_start(self) -> None:
         self._train_state = None
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         clip = self.hparams.clip_grad_norm
+        params = list(self.parameters())
         inp, tgt, valid = batch["input"], batch["target"], batch["valid"]
         T, B = inp.shape
         h, c = self._train_state or self.core.initial_state(B, inp.device)
@@ -123,8 +130,10 @@ class RecurrentRecommender(pl.LightningModule):
             loss = self.loss_fn(self.core.score_items(h, c, items), valid[t])
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
+            if self._world_size > 1:  # data-parallel: average gradients over ranks
+                distributed.average_gradients(params, max_rows=B + n_sample)
             if clip > 0:
-                clip_grad_norm_(list(self.parameters()), clip)
+                clip_grad_norm_(params, clip)
             opt.step()
             h, c = h.detach(), c.detach()
             total += loss.detach()
@@ -176,7 +185,8 @@ class RecurrentRecommender(pl.LightningModule):
             self._collector.add(scores, targets[sl], position[sl], history[sl])
 
     def _eval_finish(self, stage: str) -> dict[str, float]:
-        metrics, outputs = self._collector.finish(stage, self.hparams.ks)
+        gather = distributed.gather_cat if self._world_size > 1 else None
+        metrics, outputs = self._collector.finish(stage, self.hparams.ks, gather)
         self.eval_outputs[stage] = outputs
         self.eval_metrics[stage] = metrics
         return metrics
