@@ -16,8 +16,8 @@ from hrnn_lit import distributed
 from hrnn_lit.callbacks import Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
-from hrnn_lit.evaluation.evaluator import breakdowns
 from hrnn_lit.errors import ConfigError
+from hrnn_lit.evaluation.evaluator import breakdowns
 from hrnn_lit.loggers import finish, log_results, name_wandb_runs
 
 
