@@ -69,6 +69,15 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.ks must hold positive integers, got {k!r}")
     _choice(cfg, "eval.ties", TIES)
     _int(cfg, "trainer.max_epochs", 1)
+    every = OmegaConf.select(cfg, "callbacks.model_checkpoint.every_n_train_steps")
+    if every is not None:
+        _int(cfg, "callbacks.model_checkpoint.every_n_train_steps", 1)
+        if every % cfg.data.steps_per_batch:
+            raise ConfigError(
+                "callbacks.model_checkpoint.every_n_train_steps counts optimiser updates (one "
+                f"per time step) and must be a multiple of data.steps_per_batch "
+                f"({cfg.data.steps_per_batch}), got {every}"
+            )
     if "hidden_size" in cfg.model:
         validate_rnn(cfg)
 

@@ -11,3 +11,7 @@ class ConfigError(HrnnError):
 
 class DataError(HrnnError):
     """An input file or the data derived from it cannot be used."""
+
+
+class NumericalError(HrnnError):
+    """Training produced a NaN or infinite loss."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,7 +17,7 @@ from hrnn_lit import distributed
 from hrnn_lit.callbacks import Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
-from hrnn_lit.errors import ConfigError
+from hrnn_lit.errors import ConfigError, HrnnError
 from hrnn_lit.evaluation.evaluator import breakdowns
 from hrnn_lit.loggers import finish, log_results, name_wandb_runs
 
@@ -27,6 +28,68 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def run_info(cfg: DictConfig) -> dict:
+    """What a result depends on besides the config: versions, git revision, command."""
+    import platform
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in (
+        "hrnn_lit",
+        "torch",
+        "pytorch-lightning",
+        "hydra-core",
+        "omegaconf",
+        "polars",
+        "numpy",
+        "wandb",
+    ):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    repo = Path(__file__).resolve().parents[1]
+    git = {"revision": None, "dirty": None}
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        )
+        if rev.returncode == 0:
+            status = subprocess.run(
+                ["git", "status", "--porcelain"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            git = {"revision": rev.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "seed": cfg.seed,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "git": git,
+        "argv": sys.argv,
+    }
+
+
+def _instantiate(node, **kwargs):
+    """hydra.utils.instantiate, letting our one-line errors through Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, HrnnError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def format_metrics(results: dict, stage: str = "test") -> str:
@@ -58,7 +121,7 @@ def format_stats(stats: dict) -> str:
 
 def prepare(cfg: DictConfig) -> dict:
     """Run only the data pipeline: write the splits (Parquet) and stats.json, print stats."""
-    dm = instantiate(cfg.data)
+    dm = _instantiate(cfg.data)
     splits = dm.load_splits()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,11 +155,16 @@ def train(cfg: DictConfig) -> dict:
 def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
-    dm = instantiate(cfg.data)
+    if world.is_main:  # next to results.json: the exact config and what else it depends on
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        write_json(out / "run_info.json", run_info(cfg))
+    dm = _instantiate(cfg.data)
     dm.shard(world.rank, world.size)
     dm.setup("fit")
-    model = instantiate(
+    model = _instantiate(
         cfg.model,
+        _convert_="all",  # plain lists in hparams: checkpoints load with weights_only
         n_items=dm.n_items,
         item_counts=dm.item_counts,
         ks=list(cfg.eval.ks),
@@ -177,6 +245,7 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world) -> dict
         "eval/ties": cfg.eval.ties,
         "n_items": dm.n_items,
         "data/n_dropped_test_events": dm.n_dropped["test"],
+        "data/n_test_users_without_history": dm.n_without_history["test"],
         "perf/train_events_per_s": throughput.train_events_per_s,
         "perf/eval_events_per_s": throughput.eval_events_per_s,
         **model.eval_metrics.get("val", {}),

@@ -145,19 +145,22 @@ class PlanDataset(torch.utils.data.Dataset):
     score, position, history) plus host-side ``n_events`` / ``n_scored`` counts and
     ``any_start`` (per time step: does any slot start a session), so the model needs no
     device sync to read them. Slices are cut on demand: memory stays at one plan.
+    ``skip`` drops the first chunks (resuming an epoch from a mid-epoch checkpoint).
     """
 
-    def __init__(self, steps: Steps, plan: np.ndarray, steps_per_batch: int):
+    def __init__(self, steps: Steps, plan: np.ndarray, steps_per_batch: int, skip: int = 0):
         self.plan = plan
         self.steps = steps
         self.steps_per_batch = steps_per_batch
+        self.skip = skip
 
     def __len__(self) -> int:
-        return -(-self.plan.shape[0] // self.steps_per_batch)
+        return -(-self.plan.shape[0] // self.steps_per_batch) - self.skip
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(i)
+        i += self.skip
         plan = self.plan[i * self.steps_per_batch : (i + 1) * self.steps_per_batch]
         valid = plan >= 0
         idx = np.where(valid, plan, 0)

@@ -110,6 +110,7 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.fit_steps, _ = self._steps(fit)
         self.eval_steps: dict[str, Steps] = {}
         self.n_dropped: dict[str, int] = {}
+        self.n_without_history: dict[str, int] = {}
         if self.has_validation:
             self._add_eval("val", self.splits.valid_train, self.splits.valid_test)
         self._add_eval("test", self.splits.train, self.splits.test)
@@ -148,6 +149,13 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         steps, _ = self._steps(seq, scored=True)
         n_known = int(heldout.join(self._vocab, on="item", how="semi").height)
         self.n_dropped[stage] = heldout.height - n_known
+        # users evaluated with no earlier session start from the zero state, like new users
+        self.n_without_history[stage] = int(
+            heldout.select("user")
+            .unique()
+            .join(history.select("user").unique(), on="user", how="anti")
+            .height
+        )
         if not steps.score.any():
             raise DataError(f"{self.path or self.name}: no {stage} event left to evaluate")
         self.eval_steps[stage] = steps
@@ -176,8 +184,16 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         return DataLoader(PlanDataset(shard, plan, self.steps_per_batch), batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self._loader(self.fit_steps, self.batch_size, epoch)
+        epoch, skip = 0, 0
+        if self.trainer is not None:
+            epoch = self.trainer.current_epoch
+            fit_loop = self.trainer.fit_loop
+            if fit_loop.restarting:  # resumed: skip the batches the checkpoint already trained
+                skip = fit_loop.epoch_loop.batch_progress.current.processed
+        loader = self._loader(self.fit_steps, self.batch_size, epoch)
+        if 0 < skip < len(loader.dataset):
+            loader.dataset.skip = skip
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:

@@ -65,8 +65,10 @@ def generate_events(
     ses_start = np.cumsum(ses_len) - ses_len
     user_first_ses = (np.cumsum(n_sessions) - n_sessions)[ses_user]
     n_earlier = (np.arange(ses_user.size) - user_first_ses)[ev_ses]
-    back = rng.geometric(1.0 / revisit_decay, size=ev_ses.size) if revisit_decay > 1 else np.ones(
-        ev_ses.size, np.int64
+    back = (
+        rng.geometric(1.0 / revisit_decay, size=ev_ses.size)
+        if revisit_decay > 1
+        else np.ones(ev_ses.size, np.int64)
     )
     back = np.minimum(back, n_earlier)
     is_ref = (rng.random(ev_ses.size) < p_revisit) & (n_earlier > 0)

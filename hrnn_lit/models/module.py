@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from hrnn_lit import distributed
+from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES
@@ -81,6 +82,7 @@ class RecurrentRecommender(pl.LightningModule):
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
         self._train_state: tuple[Tensor, Tensor] | None = None
+        self._last_finite: tuple[int, Tensor] | None = None
         self._eval_state: tuple[Tensor, Tensor] | None = None
         self._collector = RankCollector(ties)
         self.eval_outputs: dict[str, dict[str, Tensor]] = {}
@@ -105,6 +107,26 @@ class RecurrentRecommender(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._train_state = None
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Besides weights and optimiser state: the slots' carried states and the RNG, so a
+        run resumed from a mid-epoch checkpoint continues exactly where it stopped."""
+        checkpoint["hrnn_lit"] = {
+            "train_state": self._train_state,
+            "last_finite": self._last_finite,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("hrnn_lit")
+        if not extra:
+            return
+        self._train_state = extra["train_state"]
+        self._last_finite = extra["last_finite"]
+        torch.set_rng_state(extra["torch_rng"])
+        if extra["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(extra["cuda_rng"])
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         clip = self.hparams.clip_grad_norm
@@ -119,7 +141,7 @@ class RecurrentRecommender(pl.LightningModule):
                     self.item_counts.cpu().numpy(), self.hparams.sample_alpha
                 ).to(inp.device)
             samples = self._sampler.draw((T, n_sample))
-        total = torch.zeros((), device=inp.device)
+        losses = torch.zeros(T, device=inp.device)
         for t in range(T):
             if batch["any_start"][t]:
                 h, c = self.core.start_sessions(
@@ -136,15 +158,39 @@ class RecurrentRecommender(pl.LightningModule):
                 clip_grad_norm_(params, clip)
             opt.step()
             h, c = h.detach(), c.detach()
-            total += loss.detach()
+            losses[t] = loss.detach()
+        self._check_finite(losses, batch_idx)  # one host sync per chunk, not per step
         self._train_state = (h, c)
         self.log(
             "train/loss",
-            total / T,
+            losses.mean(),
             on_step=True,
             on_epoch=True,
             prog_bar=True,
             batch_size=batch["n_events"],
+        )
+
+    def _check_finite(self, losses: Tensor, batch_idx: int) -> None:
+        """Stop on the first NaN/inf loss of a chunk, naming the update and the last finite
+        loss; raising before the batch ends keeps checkpoints from taking the bad weights."""
+        finite = torch.isfinite(losses)
+        first_update = self.global_step - losses.numel()  # updates are counted per step
+        if bool(finite.all()):
+            self._last_finite = (first_update + losses.numel() - 1, losses[-1])
+            return
+        t = int((~finite).nonzero()[0])
+        if t > 0:
+            self._last_finite = (first_update + t - 1, losses[t - 1])
+        last = (
+            "none"
+            if self._last_finite is None
+            else (f"{float(self._last_finite[1]):.6g} at update {self._last_finite[0]}")
+        )
+        raise NumericalError(
+            f"training loss is {float(losses[t])} at epoch {self.current_epoch}, batch "
+            f"{batch_idx}, update {first_update + t} (time step {t} of the batch); last finite "
+            f"loss: {last}. Checkpoints hold the last good weights; lower model.lr or set "
+            "model.clip_grad_norm"
         )
 
     # ----------------------------------------------------------- evaluation

@@ -1,0 +1,30 @@
+"""Callbacks that inject faults into real training runs (used through Hydra overrides)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytorch_lightning as pl
+
+
+class KillAtUpdate(pl.Callback):
+    """SIGKILL this process once training has made ``update`` optimiser updates."""
+
+    def __init__(self, update: int):
+        self.update = update
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.update:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonAtBatch(pl.Callback):
+    """Set a weight to NaN before the given training batch of the first epoch."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch:
+            pl_module.core.w_h.weight.data[0, 0] = float("nan")
