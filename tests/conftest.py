@@ -25,10 +25,20 @@ TINY = [
 ]
 
 
+BASELINES = ("pop", "user_pop", "item_knn", "vsknn")
+
+
 def compose_cfg(overrides: list[str], output_dir: Path | str):
-    """Compose conf/ with TINY's sizes; TINY's generator settings only for data=synthetic."""
+    """Compose conf/ with TINY's sizes; TINY's generator settings only for data=synthetic,
+    its network sizes only for the recurrent models."""
     other_data = any(o.startswith("data=") or "experiment=" in o for o in overrides)
-    tiny = [o for o in TINY if not (other_data and o.startswith("data.source."))]
+    baseline = any(o in {f"model={b}" for b in BASELINES} for o in overrides)
+    tiny = [
+        o
+        for o in TINY
+        if not (other_data and o.startswith("data.source."))
+        and not (baseline and o.startswith("model."))
+    ]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("config", overrides=[f"paths.output_dir={output_dir}", *tiny, *overrides])
 
