@@ -63,7 +63,7 @@ def model_scores(model, users, batch_size=2, steps_per_batch=3) -> dict[int, np.
     steps = to_steps(users)
     plan = build_plan(steps.user, batch_size)
     data = PlanDataset(steps, plan, steps_per_batch)
-    model.reset_eval()
+    model._eval_begin()
     out = {}
     for i in range(len(data)):
         for t, rows, scores in model.iter_scores(data[i]):

@@ -95,6 +95,7 @@ def test_experiment_xing_on_synthetic_xing_runs(tmp_path):
             "+experiment=xing",
             "data=synthetic_xing",
             "trainer.max_epochs=1",
+            "+data.generate.n_power_users=0",  # no 150-300-session users: a short plan
             *QUICK,
             *paths(tmp_path),
         ],

@@ -40,12 +40,14 @@ class RankCollector:
     ) -> tuple[dict[str, float], dict[str, Tensor]]:
         """Metrics named ``{stage}/recall@K`` etc. and the per-event tensors. ``gather``
         concatenates a tensor across processes (DDP) before the metrics are computed."""
-        if not self._parts:
-            raise RuntimeError(f"{stage}: no scored event was evaluated")
-        out = {k: torch.cat([p[k] for p in self._parts]) for k in (*FIELDS, "n_items")}
-        if gather is not None:
+        keys = (*FIELDS, "n_items")
+        empty = torch.zeros(0, dtype=torch.long)
+        out = {k: torch.cat([p[k] for p in self._parts]) if self._parts else empty for k in keys}
+        if gather is not None:  # every rank takes part, also one with nothing to evaluate
             out = {k: gather(v) for k, v in out.items()}
         out = {k: v.cpu() for k, v in out.items()}
+        if out["rank"].numel() == 0:
+            raise RuntimeError(f"{stage}: no scored event was evaluated")
         n_bad = int((out["rank"] > out["n_items"]).sum())
         if n_bad:
             raise FloatingPointError(

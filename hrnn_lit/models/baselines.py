@@ -25,6 +25,7 @@ from torch import Tensor
 from hrnn_lit.data.batching import Steps
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import RankCollector
+from hrnn_lit.evaluation.hooks import RankingEvalHooks
 
 WEIGHTINGS = ("same", "div", "quadratic", "log")  # V-SkNN position weight in the query
 SCORE_DECAYS = ("same", "div", "quadratic", "log")  # V-SkNN neighbour decay by match recency
@@ -98,7 +99,7 @@ def _check_choice(key: str, value, choices) -> None:
 
 
 # ------------------------------------------------------------------------------ the base
-class BaselineRecommender(pl.LightningModule):
+class BaselineRecommender(RankingEvalHooks, pl.LightningModule):
     """Shared fit/eval plumbing of the non-neural baselines.
 
     Subclasses implement ``fit_data`` (calling this one for the popularity counts),
@@ -178,10 +179,17 @@ class BaselineRecommender(pl.LightningModule):
                     yield t, r, self.score_rows(r, inp[t])
             self.record(valid[t], tgt[t])
 
-    def reset_eval(self) -> None:
-        """Forget all slot state and collected ranks (start of a validation/test pass)."""
+    @property
+    def eval_ks(self) -> list[int]:
+        return self.ks
+
+    @property
+    def eval_ties(self) -> str:
+        return self.ties
+
+    def _eval_reset(self) -> None:
+        """Forget all slot state (start of a validation/test pass)."""
         self._slots = 0
-        self._collector = RankCollector(self.ties)
 
     def _eval_chunk(self, batch: dict) -> None:
         for t, rows, scores in self.iter_scores(batch):
@@ -191,31 +199,6 @@ class BaselineRecommender(pl.LightningModule):
                 batch["position"][t, rows],
                 batch["history"][t, rows],
             )
-
-    def _eval_finish(self, stage: str) -> dict[str, float]:
-        metrics, outputs = self._collector.finish(stage, self.ks)
-        self.eval_outputs[stage] = outputs
-        self.eval_metrics[stage] = metrics
-        return metrics
-
-    def on_validation_epoch_start(self) -> None:
-        self.reset_eval()
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_chunk(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if len(self._collector):
-            self.log_dict(self._eval_finish("val"))
-
-    def on_test_epoch_start(self) -> None:
-        self.reset_eval()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_chunk(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(self._eval_finish("test"))
 
 
 # ------------------------------------------------------------------------------- POP

@@ -19,6 +19,7 @@ from torch import Tensor
 from hrnn_lit import distributed
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
+from hrnn_lit.evaluation.hooks import RankingEvalHooks
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
@@ -27,7 +28,7 @@ from hrnn_lit.models.sampling import PopularitySampler
 OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
 
 
-class RecurrentRecommender(pl.LightningModule):
+class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
     """Session RNN (``user_propagation="none"``) or HRNN (``init`` / ``all``, optionally
     ``user_to_output``), trained with a ranking loss over in-batch + sampled negatives."""
 
@@ -194,9 +195,16 @@ class RecurrentRecommender(pl.LightningModule):
         )
 
     # ----------------------------------------------------------- evaluation
-    def _eval_start(self) -> None:
+    @property
+    def eval_ks(self) -> list[int]:
+        return list(self.hparams.ks)
+
+    @property
+    def eval_ties(self) -> str:
+        return self.hparams.ties
+
+    def _eval_reset(self) -> None:
         self._eval_state = None
-        self._collector = RankCollector(self.hparams.ties)
 
     def unroll(
         self, batch: dict, state: tuple[Tensor, Tensor] | None = None
@@ -229,29 +237,3 @@ class RecurrentRecommender(pl.LightningModule):
             sl = slice(lo, lo + block)
             scores = self.core.score_all(h_sel[sl], c_sel[sl])
             self._collector.add(scores, targets[sl], position[sl], history[sl])
-
-    def _eval_finish(self, stage: str) -> dict[str, float]:
-        gather = distributed.gather_cat if self._world_size > 1 else None
-        metrics, outputs = self._collector.finish(stage, self.hparams.ks, gather)
-        self.eval_outputs[stage] = outputs
-        self.eval_metrics[stage] = metrics
-        return metrics
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_start()
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_chunk(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if len(self._collector):
-            self.log_dict(self._eval_finish("val"))
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_start()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_chunk(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(self._eval_finish("test"))
