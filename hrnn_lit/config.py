@@ -50,6 +50,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value found."""
     _choice(cfg, "mode", MODES)
     _int(cfg, "seed", 0)
+    _int(cfg, "num_threads", 1, optional=True)
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.eval_batch_size", 1)
     _int(cfg, "data.steps_per_batch", 1)
