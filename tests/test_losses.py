@@ -74,3 +74,13 @@ def test_bpr_max_by_hand():
         p = sum(w[j] * sig(row[i] - row[j]) for j in range(3) if j != i)
         total += -math.log(p) + 0.5 * sum(w[j] * row[j] ** 2 for j in range(3) if j != i)
     assert bpr_max(S, valid, bpreg=0.5).item() == pytest.approx(total / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", [top1, bpr, cross_entropy, top1_max, bpr_max])
+@pytest.mark.parametrize("n_sample", [0, 2])
+def test_step_with_only_empty_slots_has_zero_loss_and_finite_grads(loss, n_sample):
+    scores = torch.randn(3, 3 + n_sample, requires_grad=True)
+    value = loss(scores, torch.tensor([False, False, False]))
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.isfinite(scores.grad).all() and (scores.grad == 0).all()

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# Masked logits get a large finite value, not -inf: a step whose slots are all empty (DDP
+# padding) then gives a zero loss with zero, finite gradients instead of NaNs.
+_MASKED = -1e9
+
+
 def _masks(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(positive scores [B], negative mask [B, B+S], number of valid rows)."""
     B, N = scores.shape
@@ -21,37 +26,45 @@ def _masks(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return scores.diagonal(), neg, row_valid.sum().clamp(min=1)
 
 
-def _row_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+def _negatives_mean(per_col: Tensor, row_valid: Tensor) -> Tensor:
+    """Mean over each valid row's negatives of ``per_col`` [B, B+S], then over valid rows.
+
+    Negatives = valid columns except the row's own target: the sum over valid columns minus
+    the diagonal term, divided by their count minus one (no [B, B+S] mask is built).
+    """
+    B, N = per_col.shape
+    col_valid = torch.cat([row_valid, row_valid.new_ones(N - B)]).to(per_col.dtype)
+    n_neg = (col_valid.sum() - 1).clamp(min=1)
+    per_row = (per_col @ col_valid - per_col.diagonal()) / n_neg
+    return (per_row * row_valid).sum() / row_valid.sum().clamp(min=1)
 
 
 def cross_entropy(scores: Tensor, row_valid: Tensor) -> Tensor:
     """Softmax over the row's valid columns, -log p(target)."""
-    pos, neg, n = _masks(scores, row_valid)
-    logits = scores.masked_fill(
-        ~(neg | torch.eye(*scores.shape, dtype=torch.bool, device=scores.device)), float("-inf")
-    )
-    log_p = logits.diagonal() - torch.logsumexp(logits, dim=1)
-    return -(log_p * row_valid).sum() / n
+    B, N = scores.shape
+    col_valid = torch.cat([row_valid, row_valid.new_ones(N - B)])
+    logits = scores.masked_fill(~col_valid, _MASKED)  # a valid row keeps its target
+    log_p = scores.diagonal() - torch.logsumexp(logits, dim=1)
+    log_p = torch.where(row_valid, log_p, 0.0)
+    return -log_p.sum() / row_valid.sum().clamp(min=1)
 
 
 def top1(scores: Tensor, row_valid: Tensor) -> Tensor:
     """TOP1: mean over negatives of sigmoid(r_neg - r_pos) + sigmoid(r_neg^2)."""
-    pos, neg, n = _masks(scores, row_valid)
-    per_neg = torch.sigmoid(scores - pos[:, None]) + torch.sigmoid(scores * scores)
-    return (_row_mean(per_neg, neg) * row_valid).sum() / n
+    pos = scores.diagonal()
+    per_col = torch.sigmoid(scores - pos[:, None]) + torch.sigmoid(scores * scores)
+    return _negatives_mean(per_col, row_valid)
 
 
 def bpr(scores: Tensor, row_valid: Tensor) -> Tensor:
     """BPR: -mean over negatives of log sigmoid(r_pos - r_neg)."""
-    pos, neg, n = _masks(scores, row_valid)
-    per_neg = -F.logsigmoid(pos[:, None] - scores)
-    return (_row_mean(per_neg, neg) * row_valid).sum() / n
+    pos = scores.diagonal()
+    return _negatives_mean(-F.logsigmoid(pos[:, None] - scores), row_valid)
 
 
 def _neg_softmax(scores: Tensor, neg: Tensor) -> Tensor:
     """Softmax over each row's negatives only (zero weight elsewhere)."""
-    return torch.softmax(scores.masked_fill(~neg, float("-inf")), dim=1).nan_to_num(0.0)
+    return torch.softmax(scores.masked_fill(~neg, _MASKED), dim=1) * neg
 
 
 def top1_max(scores: Tensor, row_valid: Tensor) -> Tensor:
