@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 # Masked logits get a large finite value, not -inf: a step whose slots are all empty (DDP
 # padding) then gives a zero loss with zero, finite gradients instead of NaNs.
 _MASKED = -1e9
