@@ -3,7 +3,7 @@ PYTHON ?= python
 # CPU-only machine this takes the CPU wheel of torch 2.13.0 (see README for GPU set-up).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint bench-data run
+.PHONY: install test lint bench bench-data run
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -17,6 +17,9 @@ lint:
 
 run:
 	$(PYTHON) -m hrnn_lit
+
+bench:
+	$(PYTHON) experiments/bench.py --json bench.json
 
 bench-data:
 	$(PYTHON) experiments/bench_prepare.py --json bench_prepare.json

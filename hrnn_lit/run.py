@@ -155,6 +155,8 @@ def train(cfg: DictConfig) -> dict:
 def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
+    elif world.size > 1:  # N processes on one machine: share the cores, don't oversubscribe
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     if world.is_main:  # next to results.json: the exact config and what else it depends on

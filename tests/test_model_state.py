@@ -160,3 +160,17 @@ def test_rnn_concat_keeps_state_across_sessions_of_a_user():
     alone = chunk_for([[[7, 8, 9]]], batch_size=1)
     with torch.no_grad():
         assert torch.equal(m.unroll(both)[0][-2:], m.unroll(alone)[0])
+
+
+def test_row_only_session_start_equals_all_rows():
+    for propagation in ("init", "all"):
+        m = make_model(propagation)
+        h, c = torch.randn(5, 8), torch.randn(5, 6)
+        ss = torch.tensor([True, True, False, True, False])
+        us = torch.tensor([True, False, False, False, False])
+        rows = torch.nonzero(ss & ~us).flatten()
+        with torch.no_grad():
+            full = m.core.start_sessions(h, c, ss, us)
+            part = m.core.start_sessions(h, c, ss, us, rows)
+        torch.testing.assert_close(full[0], part[0])
+        torch.testing.assert_close(full[1], part[1])

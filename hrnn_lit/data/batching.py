@@ -142,9 +142,11 @@ class PlanDataset(torch.utils.data.Dataset):
     """A plan cut into Lightning batches of ``steps_per_batch`` time steps (map-style).
 
     Item ``i`` is a dict of [t, B] tensors (input, target, session_start, user_start, valid,
-    score, position, history) plus host-side ``n_events`` / ``n_scored`` counts and
-    ``any_start`` (per time step: does any slot start a session), so the model needs no
-    device sync to read them. Slices are cut on demand: memory stays at one plan.
+    score, position, history), ``next_session_rows`` (slots starting a new session of the
+    same user, time step by time step) plus host-side ``next_session_offsets`` (where each
+    time step's rows begin), ``n_events`` / ``n_scored`` counts and ``any_start`` (per time
+    step: does any slot start a session), so the model needs no device sync to read them.
+    Slices are cut on demand: memory stays at one plan.
     ``skip`` drops the first chunks (resuming an epoch from a mid-epoch checkpoint).
     """
 
@@ -177,7 +179,11 @@ class PlanDataset(torch.utils.data.Dataset):
             "position": st.position[idx],
             "history": st.history[idx],
         }
+        # slots that continue a user into a new session (the user GRU runs on these only)
+        t_idx, slots = np.nonzero(sstart & ~chunk["user_start"])
+        chunk["next_session_rows"] = slots.astype(np.int64)
         chunk = {k: torch.from_numpy(v) for k, v in chunk.items()}
+        chunk["next_session_offsets"] = np.searchsorted(t_idx, np.arange(len(plan) + 1)).tolist()
         chunk["n_events"] = int(valid.sum())
         chunk["n_scored"] = int(score.sum())
         chunk["any_start"] = sstart.any(axis=1).tolist()

@@ -19,14 +19,16 @@ def target_ranks(scores: Tensor, targets: Tensor, ties: str = "conservative") ->
     caller via ``torch.isfinite``.
     """
     target_score = scores.gather(1, targets[:, None])
+    bad = ~torch.isfinite(target_score.squeeze(1))
+    # s - t is 0 exactly when s == t (IEEE), so comparing the difference with 0 is exact.
+    diff = scores - target_score
     if ties == "conservative":
-        ranks = (scores >= target_score).sum(1)
+        ranks = diff.ge_(0).sum(1)
     elif ties == "optimistic":
-        ranks = (scores > target_score).sum(1) + 1
+        ranks = diff.gt_(0).sum(1) + 1
     else:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
-    bad = ~torch.isfinite(target_score.squeeze(1))
-    return ranks.masked_fill(bad, scores.shape[1] + 1)
+    return ranks.long().masked_fill(bad, scores.shape[1] + 1)
 
 
 def metrics_from_ranks(ranks: Tensor, ks: list[int] | tuple[int, ...], prefix: str = "") -> dict:

@@ -85,16 +85,32 @@ class RecurrentCore(nn.Module):
         return h, c
 
     def start_sessions(
-        self, h: Tensor, c: Tensor, session_start: Tensor, user_start: Tensor
+        self,
+        h: Tensor,
+        c: Tensor,
+        session_start: Tensor,
+        user_start: Tensor,
+        next_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Apply the session- and user-start rules to rows flagged [B] bool."""
+        """Apply the session- and user-start rules to rows flagged [B] bool.
+
+        ``next_rows``: indices of the rows with session_start and not user_start; when given,
+        the user GRU and the init projection run on those rows only.
+        """
         ss, us = session_start[:, None], user_start[:, None]
         if not self.hierarchical:  # GRU4Rec resets per session, RNN Concat per user
             return h.masked_fill(us if self.reset_at == "user" else ss, 0.0), c
-        c_next = self.drop_user(self.user_gru(h, c))
-        c = torch.where(us, 0.0, torch.where(ss, c_next, c))
-        h0 = self.drop_init(self.init_act(self.w_init(c)))
-        h = torch.where(us, 0.0, torch.where(ss, h0, h))
+        if next_rows is None:
+            c_next = self.drop_user(self.user_gru(h, c))
+            c = torch.where(us, 0.0, torch.where(ss, c_next, c))
+            h0 = self.drop_init(self.init_act(self.w_init(c)))
+            return torch.where(us, 0.0, torch.where(ss, h0, h)), c
+        h, c = h.masked_fill(us, 0.0), c.masked_fill(us, 0.0)
+        if next_rows.numel():
+            c_rows = self.drop_user(self.user_gru(h[next_rows], c[next_rows]))
+            h_rows = self.drop_init(self.init_act(self.w_init(c_rows)))
+            c = c.index_copy(0, next_rows, c_rows)
+            h = h.index_copy(0, next_rows, h_rows)
         return h, c
 
     def step(self, item: Tensor, h: Tensor, c: Tensor) -> Tensor:

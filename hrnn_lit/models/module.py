@@ -145,9 +145,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         losses = torch.zeros(T, device=inp.device)
         for t in range(T):
             if batch["any_start"][t]:
-                h, c = self.core.start_sessions(
-                    h, c, batch["session_start"][t], batch["user_start"][t]
-                )
+                h, c = self._start_sessions(batch, t, h, c)
             h = self.core.step(inp[t], h, c)
             items = tgt[t] if n_sample == 0 else torch.cat([tgt[t], samples[t]])
             loss = self.loss_fn(self.core.score_items(h, c, items), valid[t])
@@ -169,6 +167,16 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=batch["n_events"],
+        )
+
+    def _start_sessions(self, batch: dict, t: int, h: Tensor, c: Tensor):
+        lo, hi = batch["next_session_offsets"][t], batch["next_session_offsets"][t + 1]
+        return self.core.start_sessions(
+            h,
+            c,
+            batch["session_start"][t],
+            batch["user_start"][t],
+            batch["next_session_rows"][lo:hi],
         )
 
     def _check_finite(self, losses: Tensor, batch_idx: int) -> None:
@@ -217,9 +225,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         hs, cs = [], []
         for t in range(T):
             if batch["any_start"][t]:
-                h, c = self.core.start_sessions(
-                    h, c, batch["session_start"][t], batch["user_start"][t]
-                )
+                h, c = self._start_sessions(batch, t, h, c)
             h = self.core.step(inp[t], h, c)
             hs.append(h)
             cs.append(c)
@@ -232,7 +238,9 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         mask = batch["score"]
         h_sel, c_sel = hs[mask], cs[mask]
         targets, position, history = (batch[k][mask] for k in ("target", "position", "history"))
-        block = self.hparams.eval_block
+        # rows per score block: at most eval_block, and about 32 MB of scores
+        n_items = self.core.out_w.num_embeddings
+        block = max(1, min(self.hparams.eval_block, (32 << 20) // (4 * n_items)))
         for lo in range(0, targets.numel(), block):
             sl = slice(lo, lo + block)
             scores = self.core.score_all(h_sel[sl], c_sel[sl])

@@ -84,53 +84,59 @@ class SparseRowOptimizer(torch.optim.Optimizer):
     def _update(self, p: Tensor, group: dict) -> None:
         idx, g = _rows(p.grad)
         state = self.state[p]
-        view = p if idx is None else p[idx]  # the rows to update
-        if group["weight_decay"]:
-            g = g + group["weight_decay"] * view
-        if group["kind"] == "adagrad":
-            if not state:
-                state["acc"] = torch.zeros_like(p)
-                if group["momentum"]:
-                    state["velocity"] = torch.zeros_like(p)
-            acc = self._add_rows(state["acc"], idx, g * g)
-            update = g / (acc.sqrt() + group["eps"]) * group["lr"]
-            if group["momentum"]:
-                v = group["momentum"] * self._get(state["velocity"], idx) - update
-                self._set(state["velocity"], idx, v)
-                self._set(p, idx, view + v)
-            else:
-                self._set(p, idx, view - update)
-            return
-        # adam
-        b1, b2 = group["betas"]
         if not state:
+            self._init_state(state, p, group)
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        if idx is None:  # dense: in place, no full-size temporaries beyond one
+            if wd:
+                g = g.add(p, alpha=wd)
+            if group["kind"] == "adagrad":
+                acc = state["acc"].addcmul_(g, g)
+                denom = acc.sqrt().add_(eps)
+                if group["momentum"]:
+                    v = state["velocity"].mul_(group["momentum"]).addcdiv_(g, denom, value=-lr)
+                    p.add_(v)
+                else:
+                    p.addcdiv_(g, denom, value=-lr)
+            else:
+                b1, b2 = group["betas"]
+                state["step"] += 1
+                m = state["m"].mul_(b1).add_(g, alpha=1 - b1)
+                v = state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v / (1 - b2 ** state["step"])).sqrt_().add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** state["step"]))
+            return
+        # row-sparse: read, update and write back only the touched rows
+        rows = p.index_select(0, idx)
+        if wd:
+            g = g + wd * rows
+        if group["kind"] == "adagrad":
+            state["acc"].index_add_(0, idx, g * g)
+            update = g / (state["acc"].index_select(0, idx).sqrt_().add_(eps)) * lr
+            if group["momentum"]:
+                v = group["momentum"] * state["velocity"].index_select(0, idx) - update
+                state["velocity"].index_copy_(0, idx, v)
+                p.index_copy_(0, idx, rows + v)
+            else:
+                p.index_copy_(0, idx, rows - update)
+            return
+        b1, b2 = group["betas"]
+        state["step"] += 1
+        m = b1 * state["m"].index_select(0, idx) + (1 - b1) * g
+        v = b2 * state["v"].index_select(0, idx) + (1 - b2) * g * g
+        state["m"].index_copy_(0, idx, m)
+        state["v"].index_copy_(0, idx, v)
+        m_hat = m / (1 - b1 ** state["step"])
+        v_hat = v / (1 - b2 ** state["step"])
+        p.index_copy_(0, idx, rows - lr * m_hat / (v_hat.sqrt() + eps))
+
+    @staticmethod
+    def _init_state(state: dict, p: Tensor, group: dict) -> None:
+        if group["kind"] == "adagrad":
+            state["acc"] = torch.zeros_like(p)
+            if group["momentum"]:
+                state["velocity"] = torch.zeros_like(p)
+        else:
             state["step"] = 0
             state["m"] = torch.zeros_like(p)
             state["v"] = torch.zeros_like(p)
-        state["step"] += 1
-        m = b1 * self._get(state["m"], idx) + (1 - b1) * g
-        v = b2 * self._get(state["v"], idx) + (1 - b2) * g * g
-        self._set(state["m"], idx, m)
-        self._set(state["v"], idx, v)
-        m_hat = m / (1 - b1 ** state["step"])
-        v_hat = v / (1 - b2 ** state["step"])
-        self._set(p, idx, view - group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
-
-    @staticmethod
-    def _get(t: Tensor, idx: Tensor | None) -> Tensor:
-        return t if idx is None else t[idx]
-
-    @staticmethod
-    def _set(t: Tensor, idx: Tensor | None, value: Tensor) -> None:
-        if idx is None:
-            t.copy_(value)
-        else:
-            t[idx] = value
-
-    @staticmethod
-    def _add_rows(t: Tensor, idx: Tensor | None, value: Tensor) -> Tensor:
-        """t[rows] += value; returns the updated rows."""
-        if idx is None:
-            return t.add_(value)
-        t.index_add_(0, idx, value)
-        return t[idx]
