@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytorch_lightning as pl_lightning
+import torch
 from torch.utils.data import DataLoader
 
 from hrnn_lit.data.batching import (
@@ -181,7 +182,13 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         if epoch is not None:
             longest = max(p.shape[0] for _, p in plans)
             plan = np.vstack([plan, np.full((longest - plan.shape[0], batch_size), -1)])
-        return DataLoader(PlanDataset(shard, plan, self.steps_per_batch), batch_size=None)
+        # its own generator: creating an iterator must not draw from the global RNG, which
+        # the model's dropout and negative sampling use (resumed runs must match exactly)
+        return DataLoader(
+            PlanDataset(shard, plan, self.steps_per_batch),
+            batch_size=None,
+            generator=torch.Generator(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         epoch, skip = 0, 0
