@@ -1,11 +1,26 @@
-"""Callbacks that inject faults into real training runs (used through Hydra overrides)."""
+"""Test helpers: steps from hand-written sessions, and callbacks that inject faults into
+real training runs (used through Hydra overrides)."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+import numpy as np
 import pytorch_lightning as pl
+
+from hrnn_lit.data.batching import Steps, build_steps
+
+
+def steps_for(users: list[list[list[int]]]) -> Steps:
+    """Steps of users given as lists of sessions of item ids, in that order."""
+    item, user, ses = [], [], []
+    for u, sessions in enumerate(users):
+        for s in sessions:
+            item += s
+            user += [u] * len(s)
+            ses += [len(set(ses))] * len(s)
+    return build_steps(np.array(item), np.array(user), np.array(ses))
 
 
 class KillAtUpdate(pl.Callback):

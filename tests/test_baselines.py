@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from hrnn_lit.data.batching import PlanDataset, build_plan, build_steps
+from hrnn_lit.data.batching import PlanDataset, build_plan
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.models.baselines import VSKNN, ItemKNN, Pop, UserPop, session_events
 from hrnn_lit.run import run
 from tests.conftest import compose_cfg
+from tests.helpers import steps_for
 
 N_ITEMS = 12
 # users -> sessions -> items (fit split)
@@ -36,15 +37,7 @@ EVAL = [
 
 
 def to_steps(users: list[list[list[int]]]):
-    item, user, ses = [], [], []
-    n_ses = 0
-    for u, sessions in enumerate(users):
-        for s in sessions:
-            item += s
-            user += [u] * len(s)
-            ses += [n_ses] * len(s)
-            n_ses += 1
-    return build_steps(np.array(item), np.array(user), np.array(ses))
+    return steps_for(users)
 
 
 def step_contexts(users):

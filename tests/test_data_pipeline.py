@@ -121,18 +121,25 @@ def generated_events(n_users: int = 60, seed: int = 0) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=["uid", "song", "when"], orient="row")
 
 
+def events_args(path) -> list[str]:
+    """data=events on a generated file with custom column names and millisecond times."""
+    return [
+        "data=events",
+        f"data.path={path}",
+        "data.source.user_col=uid",
+        "data.source.item_col=song",
+        "data.source.time_col=when",
+        "data.source.time_unit=ms",
+    ]
+
+
 def test_events_csv_with_ms_and_custom_columns_runs(tmp_path):
     df = generated_events().with_columns(pl.col("when") * 1000)
     path = tmp_path / "events.csv"
     df.write_csv(path)
     cfg = compose_cfg(
         [
-            "data=events",
-            f"data.path={path}",
-            "data.source.user_col=uid",
-            "data.source.item_col=song",
-            "data.source.time_col=when",
-            "data.source.time_unit=ms",
+            *events_args(path),
             *QUICK,
             *paths(tmp_path),
         ],
@@ -147,12 +154,7 @@ def test_events_parquet_with_wrong_unit_is_one_line_error(tmp_path):
     generated_events().write_parquet(path)
     cfg = compose_cfg(
         [
-            "data=events",
-            f"data.path={path}",
-            "data.source.user_col=uid",
-            "data.source.item_col=song",
-            "data.source.time_col=when",
-            "data.source.time_unit=ms",
+            *events_args(path),
             *paths(tmp_path),
         ],
         tmp_path / "out",

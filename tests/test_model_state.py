@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from hrnn_lit.data.batching import PlanDataset, build_plan, build_steps
+from hrnn_lit.data.batching import PlanDataset, build_plan
 from hrnn_lit.models.module import RecurrentRecommender
+from tests.helpers import steps_for
 
 
 def make_model(propagation="init", **kw) -> RecurrentRecommender:
@@ -19,15 +19,7 @@ def make_model(propagation="init", **kw) -> RecurrentRecommender:
 
 def chunk_for(sessions_per_user: list[list[list[int]]], batch_size: int) -> dict:
     """One chunk holding the whole plan for users given as lists of sessions of items."""
-    item, user, ses = [], [], []
-    sid = 0
-    for u, sessions in enumerate(sessions_per_user):
-        for s in sessions:
-            item += s
-            user += [u] * len(s)
-            ses += [sid] * len(s)
-            sid += 1
-    steps = build_steps(np.array(item), np.array(user), np.array(ses))
+    steps = steps_for(sessions_per_user)
     plan = build_plan(steps.user, batch_size)
     return PlanDataset(steps, plan, steps_per_batch=plan.shape[0])[0]
 
