@@ -52,6 +52,7 @@ class RecurrentCore(nn.Module):
         self.user_propagation = user_propagation
         self.hierarchical = user_propagation != "none"
         self.user_to_output = user_to_output and self.hierarchical
+        self.final_act_name = final_act
         self.final_act = ACTIVATIONS[final_act]
         self.init_act = ACTIVATIONS[user_to_session_act]
 

@@ -3,9 +3,15 @@ valid columns (in-batch targets of other slots, then S sampled items) are negati
 
 ``row_valid`` [B] masks empty slots (their row is ignored and their target column is not a
 negative for anyone). Each loss averages over valid rows.
+
+Training needs the loss and its gradient with respect to the scores (``loss_and_grad``):
+cross-entropy and TOP1 have hand-written gradients (a few fused passes over [B, B+S], no
+autograd graph); the other losses get theirs from autograd on the score matrix alone.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +90,62 @@ def bpr_max(scores: Tensor, row_valid: Tensor, bpreg: float = 1.0) -> Tensor:
     return (per_row * row_valid).sum() / n
 
 
+def _row_weights(row_valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B] weight of each row in the mean over valid rows."""
+    w = row_valid.to(dtype)
+    return w / w.sum().clamp(min=1)
+
+
+def cross_entropy_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(cross-entropy, d loss / d scores). Overwrites ``scores`` with the gradient.
+
+    lse is recovered from the softmax itself: p_max = exp(m - lse) >= 1/N never underflows,
+    so lse = m - log(p_max) is exact where log(p_target) could be -inf.
+    """
+    B, N = scores.shape
+    col_valid = torch.cat([row_valid, row_valid.new_ones(N - B)])
+    logits = scores.add_(torch.where(col_valid, 0.0, _MASKED))
+    m = logits.amax(1)
+    pos = logits.diagonal().clone()
+    p = torch.softmax(logits, dim=1)
+    lse = m - torch.log(p.amax(1))
+    w = _row_weights(row_valid, scores.dtype)
+    loss = ((lse - pos) * w).sum()
+    grad = p.mul_(w[:, None])  # softmax - one-hot(target), per row weight
+    grad.diagonal().sub_(w)
+    return loss, grad
+
+
+def top1_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(TOP1, d loss / d scores). With a = sigmoid(s_j - s_pos), b = sigmoid(s_j^2) over the
+    row's negatives j: d/ds_j = a(1-a) + 2 s_j b(1-b); d/ds_pos = -sum_j a(1-a)."""
+    B, N = scores.shape
+    col = torch.cat([row_valid, row_valid.new_ones(N - B)]).to(scores.dtype)
+    n_neg = (col.sum() - 1).clamp(min=1)
+    pos = scores.diagonal()
+    a = torch.sigmoid(scores - pos[:, None])
+    b = torch.sigmoid(scores * scores)
+    w = _row_weights(row_valid, scores.dtype)
+    per_col = a + b
+    loss = (((per_col @ col) - per_col.diagonal()) * w).sum() / n_neg
+    da = a.mul_(1 - a).mul_(col)  # a'(s_j - s_pos), negatives' columns only
+    da.diagonal().zero_()
+    grad = b.mul_(1 - b).mul_(scores).mul_(2 * col).add_(da)
+    grad.diagonal().copy_(-da.sum(1))
+    return loss, grad.mul_((w / n_neg)[:, None])
+
+
+def _autograd_grad(loss_fn):
+    def loss_and_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            s = scores.detach().requires_grad_()
+            loss = loss_fn(s, row_valid)
+            (grad,) = torch.autograd.grad(loss, s)
+        return loss.detach(), grad
+
+    return loss_and_grad
+
+
 LOSSES = {
     "cross-entropy": cross_entropy,
     "top1": top1,
@@ -91,3 +153,13 @@ LOSSES = {
     "top1-max": top1_max,
     "bpr-max": bpr_max,
 }
+
+_GRADS = {"cross-entropy": cross_entropy_grad, "top1": top1_grad}
+
+
+def loss_and_grad(name: str, **kwargs):
+    """``f(scores, row_valid) -> (loss, d loss / d scores)`` for the loss ``name``; ``f`` may
+    overwrite ``scores``."""
+    if name in _GRADS and not kwargs:
+        return _GRADS[name]
+    return _autograd_grad(functools.partial(LOSSES[name], **kwargs))

@@ -106,20 +106,21 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                 denom = (v / (1 - b2 ** state["step"])).sqrt_().add_(eps)
                 p.addcdiv_(m, denom, value=-lr / (1 - b1 ** state["step"]))
             return
-        # row-sparse: read, update and write back only the touched rows
-        rows = p.index_select(0, idx)
+        # row-sparse (one row per touched item): only those rows are read and written
         if wd:
-            g = g + wd * rows
+            g = g + wd * p.index_select(0, idx)
         if group["kind"] == "adagrad":
             state["acc"].index_add_(0, idx, g * g)
-            update = g / (state["acc"].index_select(0, idx).sqrt_().add_(eps)) * lr
+            update = g / state["acc"].index_select(0, idx).sqrt_().add_(eps)
             if group["momentum"]:
-                v = group["momentum"] * state["velocity"].index_select(0, idx) - update
+                v = state["velocity"].index_select(0, idx).mul_(group["momentum"])
+                v.sub_(update, alpha=lr)
                 state["velocity"].index_copy_(0, idx, v)
-                p.index_copy_(0, idx, rows + v)
+                p.index_add_(0, idx, v)
             else:
-                p.index_copy_(0, idx, rows - update)
+                p.index_add_(0, idx, update.mul_(-lr))  # (alpha=-lr takes a slow path)
             return
+        rows = p.index_select(0, idx)
         b1, b2 = group["betas"]
         state["step"] += 1
         m = b1 * state["m"].index_select(0, idx) + (1 - b1) * g

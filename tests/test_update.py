@@ -1,0 +1,161 @@
+"""The hand-written training step (models/update.py) against autograd: the same loss, new
+state and gradient of every parameter as back-propagating RecurrentCore.step, score_items
+and the loss, for every model variant, loss and final activation, with dropouts, empty
+slots, session/user starts and repeated items."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.models.losses import LOSSES, loss_and_grad
+from hrnn_lit.models.update import train_step
+
+N_ITEMS, B, H, U = 40, 6, 5, 4
+VARIANTS = {
+    "session_rnn": dict(user_propagation="none"),
+    "rnn_concat": dict(user_propagation="none", reset_at="user"),
+    "hrnn_init": dict(user_propagation="init"),
+    "hrnn_all": dict(user_propagation="all"),
+    "hrnn_init_output": dict(user_propagation="init", user_to_output=True),
+    "hrnn_all_output": dict(user_propagation="all", user_to_output=True),
+}
+
+
+def make_core(variant: str, final_act: str = "linear", dropout: float = 0.0) -> RecurrentCore:
+    torch.manual_seed(0)
+    core = RecurrentCore(
+        N_ITEMS,
+        hidden_size=H,
+        user_hidden_size=U,
+        final_act=final_act,
+        dropout_session=dropout,
+        dropout_user=dropout,
+        dropout_init=dropout,
+        **VARIANTS[variant],
+    ).double()
+    with torch.no_grad():  # non-zero user-to-output weights and output biases
+        for p in core.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return core.train()
+
+
+def inputs(n_sample: int):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(B, H, generator=g, dtype=torch.float64)
+    c = torch.randn(B, U, generator=g, dtype=torch.float64)
+    item = torch.tensor([3, 3, 7, 0, 12, 3])  # repeated inputs
+    tgt = torch.tensor([5, 9, 5, 0, 1, 2])  # repeated targets
+    samples = torch.tensor([9, 30, 30, 5, 17])[:n_sample]  # repeats, and overlaps targets
+    valid = torch.tensor([True, True, True, False, True, True])
+    session_start = torch.tensor([False, True, False, False, True, True])
+    user_start = torch.tensor([False, False, False, False, False, True])
+    return h, c, item, torch.cat([tgt, samples]), valid, session_start, user_start
+
+
+def start(core, h, c, session_start, user_start):
+    rows = (session_start & ~user_start).nonzero().squeeze(1)
+    return core.start_sessions(h, c, session_start, user_start, rows)
+
+
+def dense_grads(core) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in core.named_parameters():
+        if p.grad is not None:
+            out[name] = p.grad.to_dense() if p.grad.is_sparse else p.grad.clone()
+    return out
+
+
+def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5):
+    """(loss, new h, grads) of the autograd reference and of train_step from equal states."""
+    h0, c0, item, cand, valid, ss, us = inputs(n_sample)
+    results = []
+    for hand_written in (False, True):
+        core = make_core(variant, final_act, dropout)
+        torch.manual_seed(7)  # equal dropout masks in both runs
+        h, c = start(core, h0, c0, ss, us)
+        if hand_written:
+            h_new, value = train_step(core, loss_and_grad(loss), item, h, c, cand, valid)
+        else:
+            h_new = core.step(item, h, c)
+            value = LOSSES[loss](core.score_items(h_new, c, cand), valid)
+            value.backward()
+            h_new, value = h_new.detach(), value.detach()
+        results.append((value, h_new, dense_grads(core)))
+    return results
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_matches_autograd(variant, loss):
+    (ref_loss, ref_h, ref_g), (loss_, h, g) = both(variant, loss, dropout=0.25)
+    assert loss_.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    torch.testing.assert_close(h, ref_h, rtol=1e-10, atol=1e-12)
+    assert sorted(g) == sorted(ref_g)  # the same parameters were touched
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert g["out_w.weight"].abs().sum() > 0 and g["w_h.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("final_act", ["tanh", "relu"])
+@pytest.mark.parametrize("loss", ["cross-entropy", "top1", "bpr-max"])
+def test_final_activations(final_act, loss):
+    (ref_loss, _, ref_g), (loss_, _, g) = both("hrnn_init_output", loss, final_act)
+    assert loss_.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_in_batch_negatives_only_and_user_level_gets_gradients():
+    (_, _, ref_g), (_, _, g) = both("hrnn_init", "top1", n_sample=0)
+    for name in ("user_gru.weight_ih", "w_init.weight", "out_w.weight", "item_in.weight"):
+        assert g[name].abs().sum() > 0, name
+        torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-12)
+    # the empty slot's target (item 0) is nobody's negative: its output row gets nothing
+    assert g["out_w.weight"][0].abs().sum() == 0
+
+
+def test_item_gradients_are_coalesced_rows_of_touched_items():
+    core = make_core("session_rnn")
+    h, c, item, cand, valid, _, _ = inputs(5)
+    train_step(core, loss_and_grad("cross-entropy"), item, h, c, cand, valid)
+    out = core.out_w.weight.grad
+    assert out.is_sparse and out.is_coalesced()
+    assert out.indices()[0].tolist() == sorted(set(cand.tolist()))
+    assert core.item_in.weight.grad.indices()[0].tolist() == sorted(set(item.tolist()))
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "top1"])
+def test_hand_written_loss_gradients_by_finite_differences(loss):
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    valid = torch.tensor([True, False, True, True])
+    value, grad = loss_and_grad(loss)(scores.clone(), valid)
+    assert value.item() == pytest.approx(LOSSES[loss](scores, valid).item(), rel=1e-12)
+    eps = 1e-6
+    for i, j in [(0, 0), (0, 3), (2, 1), (3, 3), (1, 2), (3, 6)]:
+        plus, minus = scores.clone(), scores.clone()
+        plus[i, j] += eps
+        minus[i, j] -= eps
+        num = (LOSSES[loss](plus, valid) - LOSSES[loss](minus, valid)) / (2 * eps)
+        assert grad[i, j].item() == pytest.approx(num.item(), abs=1e-8), (i, j)
+
+
+def test_cross_entropy_loss_is_finite_when_the_target_probability_underflows():
+    scores = torch.tensor([[-200.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    value, _ = loss_and_grad("cross-entropy")(scores.clone(), torch.tensor([True, True]))
+    ref = LOSSES["cross-entropy"](scores.double(), torch.tensor([True, True]))
+    assert value.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_state_is_unchanged_by_copies():
+    """train_step reads the core's weights and writes only .grad."""
+    core = make_core("hrnn_all")
+    before = copy.deepcopy(core.state_dict())
+    h, c, item, cand, valid, ss, us = inputs(3)
+    train_step(core, loss_and_grad("top1"), item, h, c, cand, valid)
+    for k, v in core.state_dict().items():
+        assert torch.equal(v, before[k]), k
