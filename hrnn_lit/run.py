@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hrnn_lit import distributed
+from hrnn_lit import distributed, runtime
 from hrnn_lit.callbacks import Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
@@ -153,6 +153,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
+    runtime.keep_freed_memory()
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
     elif world.size > 1:  # N processes on one machine: share the cores, don't oversubscribe
