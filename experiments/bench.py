@@ -13,8 +13,9 @@ SessionDataModule and preprocessing), then, per config, in a fresh subprocess:
   bare Python loop over the same PlanDataset chunks (no Lightning), timed the same way.
   It mirrors RecurrentRecommender.training_step line by line (keep the two in step), so
   ours / plain is Lightning's overhead.
-  On CPU it is timed per phase with ``perf_counter`` (data, forward incl. negative
-  sampling, backward incl. zero_grad, optimiser, other), which costs < 1 us per step; on
+  On CPU it is timed per phase with ``perf_counter`` (data; forward incl. negative
+  sampling, zero_grad and the loss gradient; backward; optimiser; other), which costs < 1 us
+  per step; on
   CUDA an extra pass with ``torch.cuda.synchronize`` between phases gives the split.
 - **ref**: the plain loop of the *session RNN* of the same setting, the in-run reference.
   Ratios across configs (HRNN / session RNN, 200k / 20k items) are also given normalised
@@ -389,15 +390,16 @@ def run_plain(
     no Lightning), timed per phase. ``sync_phases`` synchronises CUDA between phases."""
     import torch
 
+    from hrnn_lit.models import update
     from hrnn_lit.models.core import RecurrentCore
-    from hrnn_lit.models.losses import LOSSES
+    from hrnn_lit.models.losses import loss_and_grad
     from hrnn_lit.models.optim import SparseRowOptimizer
     from hrnn_lit.models.sampling import PopularitySampler
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     core = RecurrentCore(n_items, **model_kwargs(s, model)).to(device)
-    loss_fn = LOSSES[s.loss]
+    loss_grad = loss_and_grad(s.loss)
     sampler = None
     if s.n_sample > 0:
         sampler = PopularitySampler(counts, s.sample_alpha).to(device)
@@ -448,20 +450,19 @@ def run_plain(
                         batch["user_start"][t],
                         batch["next_session_rows"][lo:hi],
                     )
-                h = core.step(inp[t], h, c)
                 items = tgt[t] if samples is None else torch.cat([tgt[t], samples[t]])
-                loss = loss_fn(core.score_items(h, c, items), valid[t])
+                opt.zero_grad(set_to_none=True)
+                h, loss, cache = update.forward(core, loss_grad, inp[t], h, c, items, valid[t])
                 sync()
                 p1 = pc()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                update.backward(core, cache)
                 sync()
                 p2 = pc()
                 opt.step()
                 sync()
                 p3 = pc()
-                h, c = h.detach(), c.detach()
-                losses[t] = loss.detach()
+                c = c.detach()
+                losses[t] = loss
                 t_fwd += p1 - p0
                 t_bwd += p2 - p1
                 t_opt += p3 - p2
@@ -666,8 +667,11 @@ def bench_events(name: str, cfg: Config, args) -> dict:
 def worker(names: list[str], args) -> dict:
     import torch
 
+    from hrnn_lit.runtime import keep_freed_memory
+
     _quiet()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as hrnn_lit.run does for every training run
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     out = {}

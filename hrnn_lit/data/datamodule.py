@@ -184,11 +184,19 @@ class SessionDataModule(pl_lightning.LightningDataModule):
             plan = np.vstack([plan, np.full((longest - plan.shape[0], batch_size), -1)])
         # its own generator: creating an iterator must not draw from the global RNG, which
         # the model's dropout and negative sampling use (resumed runs must match exactly)
+        # pinned host chunks on a GPU machine: Lightning's copy to the device is then async
         return DataLoader(
             PlanDataset(shard, plan, self.steps_per_batch),
             batch_size=None,
             generator=torch.Generator(),
+            pin_memory=self._pin_memory(),
         )
+
+    def _pin_memory(self) -> bool:
+        trainer = self.trainer
+        if trainer is None or not torch.cuda.is_available():
+            return False
+        return trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         epoch, skip = 0, 0

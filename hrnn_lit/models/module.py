@@ -9,8 +9,6 @@ catalogue; scored rows of a chunk are ranked together in blocks.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -21,9 +19,10 @@ from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.hooks import RankingEvalHooks
 from hrnn_lit.models.core import RecurrentCore
-from hrnn_lit.models.losses import LOSSES
+from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.models.sampling import PopularitySampler
+from hrnn_lit.models.update import train_step
 
 OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
 
@@ -76,9 +75,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             dropout_user=dropout_user,
             dropout_init=dropout_init,
         )
-        self.loss_fn = (
-            functools.partial(LOSSES[loss], bpreg=bpreg) if loss == "bpr-max" else LOSSES[loss]
-        )
+        self.loss_grad = loss_and_grad(loss, **({"bpreg": bpreg} if loss == "bpr-max" else {}))
         counts = np.ones(n_items, np.int64) if item_counts is None else np.asarray(item_counts)
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
@@ -146,18 +143,16 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         for t in range(T):
             if batch["any_start"][t]:
                 h, c = self._start_sessions(batch, t, h, c)
-            h = self.core.step(inp[t], h, c)
             items = tgt[t] if n_sample == 0 else torch.cat([tgt[t], samples[t]])
-            loss = self.loss_fn(self.core.score_items(h, c, items), valid[t])
             opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
+            h, loss = train_step(self.core, self.loss_grad, inp[t], h, c, items, valid[t])
             if self._world_size > 1:  # data-parallel: average gradients over ranks
                 distributed.average_gradients(params, max_rows=B + n_sample)
             if clip > 0:
                 clip_grad_norm_(params, clip)
             opt.step()
-            h, c = h.detach(), c.detach()
-            losses[t] = loss.detach()
+            c = c.detach()
+            losses[t] = loss
         self._check_finite(losses, batch_idx)  # one host sync per chunk, not per step
         self._train_state = (h, c)
         self.log(
