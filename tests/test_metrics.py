@@ -39,6 +39,24 @@ def test_non_finite_target_is_never_a_hit():
     assert target_ranks(scores, torch.tensor([1]), "optimistic").item() == 4
 
 
+@pytest.mark.parametrize("ties", ["conservative", "optimistic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ranks_with_non_finite_other_scores(ties, dtype):
+    """NaN scores of other items never rank above the target, +inf always, -inf never;
+    a non-finite target ranks n_items + 1."""
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(-3, 4, (300, 25), generator=g).to(dtype)
+    special = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=dtype)
+    where = torch.rand(300, 25, generator=g) < 0.15
+    scores[where] = special[torch.randint(0, 3, (int(where.sum()),), generator=g)]
+    targets = torch.randint(0, 25, (300,), generator=g)
+    ranks = target_ranks(scores, targets, ties)
+    for i in range(300):
+        row, t = scores[i].tolist(), int(targets[i])
+        expected = brute_rank(row, t, ties) if math.isfinite(row[t]) else 26
+        assert ranks[i].item() == expected, (i, row, t)
+
+
 def test_metrics_by_hand():
     ranks = torch.tensor([1, 2, 5, 6, 30])
     m = metrics_from_ranks(ranks, [5, 20], prefix="test/")

@@ -23,12 +23,18 @@ class RankCollector:
 
     def add(self, scores: Tensor, targets: Tensor, position: Tensor, history: Tensor) -> None:
         """Scores [N, n_items] for N scored events with their targets [N]."""
+        ranks = target_ranks(scores, targets, self.ties)
+        self.add_ranks(ranks, position, history, scores.shape[1])
+
+    def add_ranks(self, ranks: Tensor, position: Tensor, history: Tensor, n_items: int) -> None:
+        """Ranks [N] already computed with this collector's ``ties`` (e.g. by
+        ``ranking.catalogue_ranks``); a rank above ``n_items`` marks a non-finite score."""
         self._parts.append(
             {
-                "rank": target_ranks(scores, targets, self.ties),
+                "rank": ranks,
                 "position": position,
                 "history": history,
-                "n_items": torch.full_like(targets, scores.shape[1]),
+                "n_items": torch.full_like(ranks, n_items),
             }
         )
 

@@ -18,6 +18,8 @@ from hrnn_lit import distributed
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.hooks import RankingEvalHooks
+from hrnn_lit.evaluation.ranking import catalogue_ranks
+from hrnn_lit.evaluation.replay import replay_scored
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
@@ -227,16 +229,35 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         return torch.stack(hs), torch.stack(cs), (h, c)
 
     def _eval_chunk(self, batch: dict) -> None:
-        hs, cs, self._eval_state = self.unroll(batch, self._eval_state)
+        core, inp = self.core, batch["input"]
+        if inp.device.type == "cpu":  # the step on the rows that can matter only (same bits)
+            h_sel, c_sel, self._eval_state = replay_scored(
+                core.step,
+                lambda t, h, c: self._start_sessions(batch, t, h, c),
+                batch,
+                self._eval_state or core.initial_state(inp.shape[1], inp.device),
+                session_only=not core.hierarchical and core.reset_at == "session",
+                start_rows=core.start_sessions,
+            )
+        else:
+            hs, cs, self._eval_state = self.unroll(batch, self._eval_state)
+            h_sel, c_sel = hs[batch["score"]], cs[batch["score"]]
         if batch["n_scored"] == 0:
             return
         mask = batch["score"]
-        h_sel, c_sel = hs[mask], cs[mask]
         targets, position, history = (batch[k][mask] for k in ("target", "position", "history"))
-        # rows per score block: at most eval_block, and about 32 MB of scores
-        n_items = self.core.out_w.num_embeddings
-        block = max(1, min(self.hparams.eval_block, (32 << 20) // (4 * n_items)))
-        for lo in range(0, targets.numel(), block):
-            sl = slice(lo, lo + block)
-            scores = self.core.score_all(h_sel[sl], c_sel[sl])
-            self._collector.add(scores, targets[sl], position[sl], history[sl])
+        user_w = core.out_u.weight if core.user_to_output else None
+        # = target_ranks(core.score_all(h, c), ...) in row blocks of at most eval_block;
+        # on CPU without materialising the score matrix
+        ranks = catalogue_ranks(
+            h_sel,
+            targets,
+            core.out_w.weight,
+            core.out_b.weight,
+            self._collector.ties,
+            user=c_sel if user_w is not None else None,
+            user_weight=user_w,
+            act=self.hparams.final_act,
+            max_rows=self.hparams.eval_block,
+        )
+        self._collector.add_ranks(ranks, position, history, core.out_w.num_embeddings)
