@@ -82,7 +82,7 @@ def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5):
         else:
             h_new = core.step(item, h, c)
             value = LOSSES[loss](core.score_items(h_new, c, cand), valid)
-            value.backward()
+            (value * valid.sum() / B).backward()  # empty slots weigh in as zero
             h_new, value = h_new.detach(), value.detach()
         results.append((value, h_new, dense_grads(core)))
     return results

@@ -9,8 +9,10 @@ item, so the optimiser, gradient clipping and data-parallel averaging see what a
 merge. No autograd graph is built on this hot path; autograd only back-propagates into the
 user level (HRNN session starts), whose graph ends in the step's starting state.
 
-The results equal autograd through ``RecurrentCore.step`` and ``score_items``
-(tests/test_update.py). Shapes: B slots, H session units, U user units, N candidates.
+The loss is the mean over the step's valid slots; the gradient is that of the loss times
+the share of valid slots, i.e. of the sum over valid slots / B. The results equal autograd
+through ``RecurrentCore.step``, ``score_items`` and that scaled loss (tests/test_update.py).
+Shapes: B slots, H session units, U user units, N candidates.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def forward(
     """Session-GRU step on input items [B] from states h [B, H], c [B, U], scores of the
     candidates [N] (targets first), the loss and its gradient. Returns (new h [B, H], loss,
     what ``backward`` needs)."""
-    H = core.hidden_size
+    H, B = core.hidden_size, item.numel()
     h_prev, c_in = h.detach(), c.detach()
     gi = core.item_in.weight.index_select(0, item).add_(core.bias_in)  # [B, 3H]
     gh = torch.addmm(core.w_h.bias, h_prev, core.w_h.weight.T)  # [B, 3H]
@@ -85,9 +87,11 @@ def forward(
         s.addmm_(c_in, u_out.T)
     y = core.final_act(s)
     d_act = _act_derivative(core.final_act_name, y)
-    loss, ds = loss_grad(y, valid)  # may overwrite y
-    if d_act is not None:
-        ds.mul_(d_act)  # [B, N]
+    loss, ds = loss_grad(y, valid)  # may overwrite y; loss = mean over the valid slots
+    # the update weighs each slot alike, an empty one as zero: a step with few valid slots
+    # (the epoch's last steps, where few users are left) moves the weights that much less
+    share = valid.sum().to(ds.dtype) / B  # of the slots
+    ds.mul_(share if d_act is None else d_act * share)  # [B, N]
     cache = dict(
         h=h, c=c, h_prev=h_prev, c_in=c_in, item=item, candidates=candidates, r=r, z=z,
         n=n, h_n=h_n, mask=mask, h_out=h_out, w_out=w_out, u_out=u_out, ds=ds,
