@@ -441,18 +441,17 @@ def run_plain(
             t_fwd += pc() - a
             for t in range(T):
                 p0 = pc()
+                start = None
                 if batch["any_start"][t]:
                     lo, hi = batch["next_session_offsets"][t : t + 2]
-                    h, c = core.start_sessions(
-                        h,
-                        c,
-                        batch["session_start"][t],
-                        batch["user_start"][t],
-                        batch["next_session_rows"][lo:hi],
-                    )
+                    rows = batch["next_session_rows"][lo:hi]
+                    ss, us = batch["session_start"][t], batch["user_start"][t]
+                    h, c, start = update.start_sessions(core, h, c, ss, us, rows)
                 items = tgt[t] if samples is None else torch.cat([tgt[t], samples[t]])
                 opt.zero_grad(set_to_none=True)
-                h, loss, cache = update.forward(core, loss_grad, inp[t], h, c, items, valid[t])
+                h, loss, cache = update.forward(
+                    core, loss_grad, inp[t], h, c, items, valid[t], start
+                )
                 sync()
                 p1 = pc()
                 update.backward(core, cache)
@@ -461,7 +460,6 @@ def run_plain(
                 opt.step()
                 sync()
                 p3 = pc()
-                c = c.detach()
                 losses[t] = loss
                 t_fwd += p1 - p0
                 t_bwd += p2 - p1

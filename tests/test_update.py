@@ -12,7 +12,7 @@ import torch
 
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES, loss_and_grad
-from hrnn_lit.models.update import train_step
+from hrnn_lit.models.update import start_sessions, train_step
 
 N_ITEMS, B, H, U = 40, 6, 5, 4
 VARIANTS = {
@@ -56,11 +56,6 @@ def inputs(n_sample: int):
     return h, c, item, torch.cat([tgt, samples]), valid, session_start, user_start
 
 
-def start(core, h, c, session_start, user_start):
-    rows = (session_start & ~user_start).nonzero().squeeze(1)
-    return core.start_sessions(h, c, session_start, user_start, rows)
-
-
 def dense_grads(core) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in core.named_parameters():
@@ -76,10 +71,12 @@ def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5):
     for hand_written in (False, True):
         core = make_core(variant, final_act, dropout)
         torch.manual_seed(7)  # equal dropout masks in both runs
-        h, c = start(core, h0, c0, ss, us)
+        rows = (ss & ~us).nonzero().squeeze(1)
         if hand_written:
-            h_new, value = train_step(core, loss_and_grad(loss), item, h, c, cand, valid)
+            h, c, st = start_sessions(core, h0, c0, ss, us, rows)
+            h_new, value = train_step(core, loss_and_grad(loss), item, h, c, cand, valid, st)
         else:
+            h, c = core.start_sessions(h0, c0, ss, us, rows)
             h_new = core.step(item, h, c)
             value = LOSSES[loss](core.score_items(h_new, c, cand), valid)
             (value * valid.sum() / B).backward()  # empty slots weigh in as zero

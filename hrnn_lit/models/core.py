@@ -54,6 +54,7 @@ class RecurrentCore(nn.Module):
         self.user_to_output = user_to_output and self.hierarchical
         self.final_act_name = final_act
         self.final_act = ACTIVATIONS[final_act]
+        self.init_act_name = user_to_session_act
         self.init_act = ACTIVATIONS[user_to_session_act]
 
         scale = (6.0 / (n_items + 3 * H)) ** 0.5

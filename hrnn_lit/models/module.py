@@ -20,11 +20,11 @@ from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.hooks import RankingEvalHooks
 from hrnn_lit.evaluation.ranking import catalogue_ranks
 from hrnn_lit.evaluation.replay import replay_scored
+from hrnn_lit.models import update
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.models.sampling import PopularitySampler
-from hrnn_lit.models.update import train_step
 
 OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
 
@@ -143,17 +143,22 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             samples = self._sampler.draw((T, n_sample))
         losses = torch.zeros(T, device=inp.device)
         for t in range(T):
+            start = None
             if batch["any_start"][t]:
-                h, c = self._start_sessions(batch, t, h, c)
+                lo, hi = batch["next_session_offsets"][t : t + 2]
+                rows = batch["next_session_rows"][lo:hi]
+                ss, us = batch["session_start"][t], batch["user_start"][t]
+                h, c, start = update.start_sessions(self.core, h, c, ss, us, rows)
             items = tgt[t] if n_sample == 0 else torch.cat([tgt[t], samples[t]])
             opt.zero_grad(set_to_none=True)
-            h, loss = train_step(self.core, self.loss_grad, inp[t], h, c, items, valid[t])
+            h, loss = update.train_step(
+                self.core, self.loss_grad, inp[t], h, c, items, valid[t], start
+            )
             if self._world_size > 1:  # data-parallel: average gradients over ranks
                 distributed.average_gradients(params, max_rows=B + n_sample)
             if clip > 0:
                 clip_grad_norm_(params, clip)
             opt.step()
-            c = c.detach()
             losses[t] = loss
         self._check_finite(losses, batch_idx)  # one host sync per chunk, not per step
         self._train_state = (h, c)

@@ -6,8 +6,8 @@ gradients of every parameter the step touched. They are set as ``.grad``: dense 
 weights, and for the item tables a coalesced row-sparse gradient with one row per distinct
 item, so the optimiser, gradient clipping and data-parallel averaging see what autograd on
 ``nn.Embedding(sparse=True)`` would give them, without its per-occurrence rows, sort and
-merge. No autograd graph is built on this hot path; autograd only back-propagates into the
-user level (HRNN session starts), whose graph ends in the step's starting state.
+merge. No autograd graph is built: the user level's step at HRNN session starts
+(``start_sessions``) is differentiated by hand too.
 
 The loss is the mean over the step's valid slots; the gradient is that of the loss times
 the share of valid slots, i.e. of the sum over valid slots / B. The results equal autograd
@@ -47,6 +47,100 @@ def _rows_grad(shape: torch.Size, uniq: Tensor, inv: Tensor, per_occurrence: Ten
     )
 
 
+def _dropout_mask(module: torch.nn.Dropout, like: Tensor) -> Tensor | None:
+    """nn.Dropout's mask (scaled by 1 / (1 - p)) from the same draws: equal masks for equal
+    RNG states; None where it would draw nothing (p = 0 or evaluation)."""
+    p = module.p if module.training else 0.0
+    if p <= 0 or like.numel() == 0:
+        return None
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+def _gru(gi: Tensor, gh: Tensor, h_prev: Tensor) -> tuple[Tensor, dict]:
+    """GRU cell (torch's gate order r, z, n) from the input and hidden projections gi, gh
+    [R, 3K] of the previous state h_prev [R, K]: the new state and what ``_gru_backward``
+    needs."""
+    K = h_prev.shape[1]
+    rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])  # [R, 2K]
+    r, z = rz[:, :K], rz[:, K:]
+    h_n = gh[:, 2 * K :]
+    n = torch.tanh(torch.addcmul(gi[:, 2 * K :], r, h_n))  # [R, K]
+    h_new = torch.lerp(n, h_prev, z)  # (1 - z) * n + z * h
+    return h_new, dict(h_prev=h_prev, r=r, z=z, n=n, h_n=h_n)
+
+
+def _gru_backward(dh: Tensor, g: dict) -> tuple[Tensor, Tensor]:
+    """d gi and d gh [R, 3K] from d h_new [R, K] (the gates' pre-activation gradients)."""
+    K = dh.shape[1]
+    r, z, n = g["r"], g["z"], g["n"]
+    da = torch.empty(dh.shape[0], 3 * K, dtype=dh.dtype, device=dh.device)
+    a_r, a_z, a_n = da[:, :K], da[:, K : 2 * K], da[:, 2 * K :]
+    torch.mul(dh, 1 - z, out=a_n).mul_(1 - n * n)
+    torch.mul(dh, g["h_prev"] - n, out=a_z).mul_(z * (1 - z))
+    torch.mul(a_n, g["h_n"], out=a_r).mul_(r * (1 - r))
+    dgh = da.clone()  # the candidate's hidden part goes through r
+    dgh[:, 2 * K :].mul_(r)
+    return da, dgh
+
+
+@torch.no_grad()
+def start_sessions(
+    core: RecurrentCore,
+    h: Tensor,
+    c: Tensor,
+    session_start: Tensor,
+    user_start: Tensor,
+    rows: Tensor,
+) -> tuple[Tensor, Tensor, dict | None]:
+    """``RecurrentCore.start_sessions`` (same values, same dropout draws) for training:
+    (h, c, what ``backward`` needs for the user level, or None where nothing of it ran).
+    ``rows``: the slots with session_start and not user_start."""
+    if not core.hierarchical:
+        h, c = core.start_sessions(h, c, session_start, user_start)
+        return h, c, None
+    h, c = h.masked_fill(user_start[:, None], 0.0), c.masked_fill(user_start[:, None], 0.0)
+    if rows.numel() == 0:
+        return h, c, None
+    gru = core.user_gru
+    x, c_old = h[rows], c[rows]  # [R, H], [R, U]
+    gi = torch.addmm(gru.bias_ih, x, gru.weight_ih.T)  # [R, 3U]
+    gh = torch.addmm(gru.bias_hh, c_old, gru.weight_hh.T)  # [R, 3U]
+    c_rows, g = _gru(gi, gh, c_old)
+    mask_user = _dropout_mask(core.drop_user, c_rows)
+    if mask_user is not None:
+        c_rows = c_rows * mask_user
+    h0 = core.init_act(torch.addmm(core.w_init.bias, c_rows, core.w_init.weight.T))  # [R, H]
+    mask_init = _dropout_mask(core.drop_init, h0)
+    h_rows = h0 if mask_init is None else h0 * mask_init
+    cache = dict(rows=rows, x=x, gru=g, mask_user=mask_user, c_rows=c_rows, h0=h0)
+    cache["mask_init"] = mask_init
+    return h.index_copy(0, rows, h_rows), c.index_copy(0, rows, c_rows), cache
+
+
+def _user_level_backward(core: RecurrentCore, st: dict, dh: Tensor, dc: Tensor | None):
+    """Gradients of the user GRU and the init projection from those of the step's starting
+    states, d h [B, H] and d c [B, U] (None: c was not used by the step)."""
+    rows = st["rows"]
+    dh0 = dh[rows]  # [R, H]
+    if st["mask_init"] is not None:
+        dh0.mul_(st["mask_init"])
+    d_act = _act_derivative(core.init_act_name, st["h0"])
+    da = dh0 if d_act is None else dh0.mul_(d_act)  # d (W_init c + b_init)
+    core.w_init.weight.grad = da.T @ st["c_rows"]
+    core.w_init.bias.grad = da.sum(0)
+    dc_rows = da @ core.w_init.weight  # [R, U]
+    if dc is not None:
+        dc_rows.add_(dc[rows])
+    if st["mask_user"] is not None:
+        dc_rows.mul_(st["mask_user"])
+    dgi, dgh = _gru_backward(dc_rows, st["gru"])
+    gru = core.user_gru
+    gru.weight_ih.grad = dgi.T @ st["x"]
+    gru.bias_ih.grad = dgi.sum(0)
+    gru.weight_hh.grad = dgh.T @ st["gru"]["h_prev"]
+    gru.bias_hh.grad = dgh.sum(0)
+
+
 @torch.no_grad()
 def forward(
     core: RecurrentCore,
@@ -56,35 +150,28 @@ def forward(
     c: Tensor,
     candidates: Tensor,
     valid: Tensor,
+    start: dict | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
-    """Session-GRU step on input items [B] from states h [B, H], c [B, U], scores of the
-    candidates [N] (targets first), the loss and its gradient. Returns (new h [B, H], loss,
-    what ``backward`` needs)."""
+    """Session-GRU step on input items [B] from states h [B, H], c [B, U] (``start``: the
+    cache of ``start_sessions`` when it ran before this step), scores of the candidates [N]
+    (targets first), the loss and its gradient. Returns (new h [B, H], loss, what
+    ``backward`` needs)."""
     H, B = core.hidden_size, item.numel()
-    h_prev, c_in = h.detach(), c.detach()
     gi = core.item_in.weight.index_select(0, item).add_(core.bias_in)  # [B, 3H]
-    gh = torch.addmm(core.w_h.bias, h_prev, core.w_h.weight.T)  # [B, 3H]
+    gh = torch.addmm(core.w_h.bias, h, core.w_h.weight.T)  # [B, 3H]
     if core.user_propagation == "all":
-        gi[:, : 2 * H].addmm_(c_in, core.w_c.weight.T)
-    rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])  # [B, 2H]
-    r, z = rz[:, :H], rz[:, H:]
-    h_n = gh[:, 2 * H :]
-    n = torch.tanh(torch.addcmul(gi[:, 2 * H :], r, h_n))  # [B, H]
-    h_new = torch.lerp(n, h_prev, z)  # (1 - z) * n + z * h
+        gi[:, : 2 * H].addmm_(c, core.w_c.weight.T)
+    h_new, gru = _gru(gi, gh, h)
 
-    p_drop = core.drop_session.p if core.training else 0.0
-    mask = None
-    h_out = h_new
-    if p_drop > 0:  # the same draws as nn.Dropout: equal masks for equal RNG states
-        mask = torch.empty_like(h_new).bernoulli_(1 - p_drop).div_(1 - p_drop)
-        h_out = h_new * mask
+    mask = _dropout_mask(core.drop_session, h_new)
+    h_out = h_new if mask is None else h_new * mask
     w_out = core.out_w.weight.index_select(0, candidates)  # [N, H]
     b_out = core.out_b.weight.index_select(0, candidates).view(-1)  # [N]
     s = torch.addmm(b_out, h_out, w_out.T)  # [B, N]
     u_out = None
     if core.user_to_output:
         u_out = core.out_u.weight.index_select(0, candidates)  # [N, U]
-        s.addmm_(c_in, u_out.T)
+        s.addmm_(c, u_out.T)
     y = core.final_act(s)
     d_act = _act_derivative(core.final_act_name, y)
     loss, ds = loss_grad(y, valid)  # may overwrite y; loss = mean over the valid slots
@@ -93,18 +180,17 @@ def forward(
     share = valid.sum().to(ds.dtype) / B  # of the slots
     ds.mul_(share if d_act is None else d_act * share)  # [B, N]
     cache = dict(
-        h=h, c=c, h_prev=h_prev, c_in=c_in, item=item, candidates=candidates, r=r, z=z,
-        n=n, h_n=h_n, mask=mask, h_out=h_out, w_out=w_out, u_out=u_out, ds=ds,
+        c=c, item=item, candidates=candidates, gru=gru, mask=mask, h_out=h_out,
+        w_out=w_out, u_out=u_out, ds=ds, start=start,
     )  # fmt: skip
     return h_new, loss, cache
 
 
-@torch.no_grad()  # gradients by hand; autograd.backward below still runs
+@torch.no_grad()
 def backward(core: RecurrentCore, cache: dict) -> None:
     """Set ``.grad`` of every parameter the step touched (they must be None before)."""
     H = core.hidden_size
-    ds, h_prev, c_in, r, z, n = (cache[k] for k in ("ds", "h_prev", "c_in", "r", "z", "n"))
-    h, c = cache["h"], cache["c"]
+    ds, c, gru, start = cache["ds"], cache["c"], cache["gru"], cache["start"]
 
     # ---- output layer
     uniq, inv = torch.unique(cache["candidates"], return_inverse=True)
@@ -113,40 +199,28 @@ def backward(core: RecurrentCore, cache: dict) -> None:
     dh = ds @ cache["w_out"]  # [B, H]
     dc = None
     if core.user_to_output:
-        core.out_u.weight.grad = _rows_grad(core.out_u.weight.shape, uniq, inv, ds.T @ c_in)
+        core.out_u.weight.grad = _rows_grad(core.out_u.weight.shape, uniq, inv, ds.T @ c)
         dc = ds @ cache["u_out"]  # [B, U]
     if cache["mask"] is not None:
         dh.mul_(cache["mask"])
 
-    # ---- session GRU (da: gradients of the gates' pre-activations a_r, a_z, a_n)
-    da = torch.empty(h_prev.shape[0], 3 * H, dtype=ds.dtype, device=ds.device)  # [B, 3H]
-    a_r, a_z, a_n = da[:, :H], da[:, H : 2 * H], da[:, 2 * H :]
-    torch.mul(dh, 1 - z, out=a_n).mul_(1 - n * n)
-    torch.mul(dh, h_prev - n, out=a_z).mul_(z * (1 - z))
-    torch.mul(a_n, cache["h_n"], out=a_r).mul_(r * (1 - r))
-    dgh = da.clone()  # [B, 3H] = d gh: the candidate's part goes through r
-    dgh[:, 2 * H :].mul_(r)
+    # ---- session GRU
+    da, dgh = _gru_backward(dh, gru)  # [B, 3H] each
     in_uniq, in_inv = torch.unique(cache["item"], return_inverse=True)
     core.item_in.weight.grad = _rows_grad(core.item_in.weight.shape, in_uniq, in_inv, da)
     core.bias_in.grad = da.sum(0)
-    core.w_h.weight.grad = dgh.T @ h_prev
+    core.w_h.weight.grad = dgh.T @ gru["h_prev"]
     core.w_h.bias.grad = dgh.sum(0)
     if core.user_propagation == "all":
-        core.w_c.weight.grad = da[:, : 2 * H].T @ c_in
-        if c.requires_grad:
+        core.w_c.weight.grad = da[:, : 2 * H].T @ c
+        if start is not None:
             dc_all = da[:, : 2 * H] @ core.w_c.weight
             dc = dc_all if dc is None else dc.add_(dc_all)
 
-    # ---- into the user level: the graph of this step's session starts
-    roots, grads = [], []
-    if h.requires_grad:
-        roots.append(h)
-        grads.append(torch.addmm(dh * z, dgh, core.w_h.weight))  # d h_prev
-    if c.requires_grad and dc is not None:
-        roots.append(c)
-        grads.append(dc)
-    if roots:
-        torch.autograd.backward(roots, grads)
+    # ---- the user level, where this step started sessions
+    if start is not None:
+        dh_prev = torch.addmm(dh * gru["z"], dgh, core.w_h.weight)  # d h_prev [B, H]
+        _user_level_backward(core, start, dh_prev, dc)
 
 
 def train_step(
@@ -157,8 +231,9 @@ def train_step(
     c: Tensor,
     candidates: Tensor,
     valid: Tensor,
+    start: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``forward`` then ``backward``: sets the gradients, returns (new h, loss)."""
-    h_new, loss, cache = forward(core, loss_grad, item, h, c, candidates, valid)
+    h_new, loss, cache = forward(core, loss_grad, item, h, c, candidates, valid, start)
     backward(core, cache)
     return h_new, loss
