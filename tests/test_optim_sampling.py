@@ -126,3 +126,19 @@ def test_sampler_follows_popularity_power(alpha):
     assert freq[5] == 0, "an item with zero count is never drawn"
     np.testing.assert_allclose(freq.numpy(), expected, atol=0.005)
     assert sampler.draw((3, 7)).shape == (3, 7)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_fused_dense_adagrad_equals_the_per_tensor_update(monkeypatch, weight_decay):
+    """Dense tensors go through torch's fused CPU Adagrad kernel; the update is the one of
+    the per-tensor path (sparse rows are unaffected)."""
+    import hrnn_lit.models.optim as optim
+
+    def make(p):
+        return SparseRowOptimizer(p, "adagrad", lr=0.1, weight_decay=weight_decay)
+
+    fused = run_steps(True, make)
+    monkeypatch.setattr(optim, "_FUSED", False)
+    plain = run_steps(True, make)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

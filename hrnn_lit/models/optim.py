@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 KINDS = ("adagrad", "adam")
+_FUSED = hasattr(torch, "_fused_adagrad_")
 
 
 def _rows(grad: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -76,10 +77,37 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            fused = []  # dense CPU tensors under plain Adagrad: one fused kernel for all
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is None:
+                    continue
+                if _FUSED and self._fusable(p, group):
+                    fused.append(p)
+                else:
                     self._update(p, group)
+            if fused:
+                self._fused_adagrad(fused, group)
         return loss
+
+    def _fusable(self, p: Tensor, group: dict) -> bool:
+        plain = group["kind"] == "adagrad" and not group["momentum"]
+        return plain and not p.grad.is_sparse and p.device.type == "cpu"
+
+    def _fused_adagrad(self, params: list[Tensor], group: dict) -> None:
+        """torch's fused CPU Adagrad (acc += g^2; p -= lr g / (sqrt(acc) + eps), with L2 by
+        ``weight_decay``): the same update as ``_update``'s dense path in one kernel."""
+        accs, steps = [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                self._init_state(state, p, group)
+            accs.append(state["acc"])
+            steps.append(state.setdefault("fused_step", torch.zeros((), dtype=torch.float32)))
+        torch._fused_adagrad_(
+            params, [p.grad for p in params], accs, steps,
+            lr=group["lr"], lr_decay=0.0, weight_decay=group["weight_decay"], eps=group["eps"],
+            maximize=False,
+        )  # fmt: skip
 
     def _update(self, p: Tensor, group: dict) -> None:
         idx, g = _rows(p.grad)
