@@ -1,8 +1,9 @@
 """The LightningModule for the session RNN and every HRNN variant.
 
 One Lightning batch is a chunk of T time steps of the user-parallel plan ([T, B] tensors).
-Each time step is one optimiser update (no back-propagation through time, DESIGN §2):
-hidden states are carried from step to step detached, and across chunks on the module.
+Each time step is one optimiser update (no back-propagation through time, DESIGN §2), its
+forward and backward written by hand in ``models/update.py``: hidden states are carried
+from step to step without gradients, and across chunks on the module.
 Evaluation replays each user's history, then ranks every scored target against the whole
 catalogue; scored rows of a chunk are ranked together in blocks.
 """
