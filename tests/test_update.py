@@ -22,6 +22,8 @@ VARIANTS = {
     "hrnn_all": dict(user_propagation="all"),
     "hrnn_init_output": dict(user_propagation="init", user_to_output=True),
     "hrnn_all_output": dict(user_propagation="all", user_to_output=True),
+    "hrnn_init_relu": dict(user_propagation="init", user_to_session_act="relu"),
+    "hrnn_init_linear": dict(user_propagation="init", user_to_session_act="linear"),
 }
 
 

@@ -28,7 +28,8 @@ LossGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def _act_derivative(name: str, y: Tensor) -> Tensor | None:
-    """d y / d s of the final activation y = act(s), from y (None: identity)."""
+    """d y / d s of an activation y = act(s) (final scores, init projection), from y
+    (None: identity)."""
     if name == "linear":
         return None
     if name == "tanh":
