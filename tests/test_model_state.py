@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
+import pytorch_lightning as pl
 import torch
 
 from hrnn_lit.data.batching import PlanDataset, build_plan
+from hrnn_lit.data.datamodule import SessionDataModule
+from hrnn_lit.data.synthetic import generate_events
 from hrnn_lit.models.module import RecurrentRecommender
 from tests.helpers import steps_for
 
@@ -166,3 +171,40 @@ def test_row_only_session_start_equals_all_rows():
             part = m.core.start_sessions(h, c, ss, us, rows)
         torch.testing.assert_close(full[0], part[0])
         torch.testing.assert_close(full[1], part[1])
+
+
+class _CountSteps(pl.Callback):
+    """Counts optimizer steps as Lightning's per-step hook sees them, and the updates."""
+
+    def __init__(self):
+        self.hooks = self.updates = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.hooks += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.updates += int(batch["input"].shape[0])  # one update per time step
+
+
+def test_global_step_counts_every_update_on_the_lean_step_path():
+    """On one device at float32 the module steps the raw optimizer (no per-step Lightning
+    dispatch); trainer.global_step still equals the number of updates (time steps)."""
+    dm = SessionDataModule(
+        source=functools.partial(
+            generate_events, seed=0, n_users=60, n_items=400, n_topics=10, n_groups=6
+        ),
+        name="lean-step", preprocess=dict(min_item_support=1, min_session_len=2,
+        min_user_sessions=2, max_user_sessions=None), batch_size=8, eval_batch_size=8,
+        steps_per_batch=16, fit_split="train", seed=0,
+    )  # fmt: skip
+    dm.setup("fit")
+    model = RecurrentRecommender(n_items=dm.n_items, item_counts=dm.item_counts)
+    counter = _CountSteps()
+    trainer = pl.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[counter],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == counter.updates > 200
+    assert counter.hooks == 0  # the per-step dispatch was skipped
