@@ -63,6 +63,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -143,6 +144,20 @@ CONFIGS = {
     "a_session_rnn_200k": Config(A200, "session_rnn", ref=A),
     "a_events": Config(A, "session_rnn", kind="events"),
 }
+
+
+class Job(NamedTuple):
+    """What one timed training run needs: the setting, the model, the data and catalogue,
+    the bench's arguments, and the chunks per epoch (None: whole epochs) and epochs."""
+
+    s: Setting
+    model: str
+    dm: object  # SessionDataModule
+    n_items: int
+    counts: object  # item counts (numpy)
+    args: argparse.Namespace
+    chunks: int | None
+    epochs: int
 
 
 def quick_setting(s: Setting) -> Setting:
@@ -282,19 +297,9 @@ def _chunk_timer(warmup: int, device):
     return ChunkTimer()
 
 
-def run_ours(
-    s: Setting,
-    model: str,
-    dm,
-    n_items: int,
-    counts,
-    args,
-    chunks: int | None,
-    epochs: int,
-    evaluate: bool,
-    warmup: int | None = None,
-) -> dict:
+def run_ours(job: Job, evaluate: bool, warmup: int | None = None) -> dict:
     """Fit (and test) the real LightningModule with a real Trainer."""
+    s, model, dm, n_items, counts, args, chunks, epochs = job
     import pytorch_lightning as pl
     import torch
 
@@ -375,19 +380,10 @@ def _epoch_loader(dm, epoch: int):
     return DataLoader(PlanDataset(dm.fit_steps, plan, dm.steps_per_batch), batch_size=None)
 
 
-def run_plain(
-    s: Setting,
-    model: str,
-    dm,
-    n_items: int,
-    counts,
-    args,
-    chunks: int | None,
-    epochs: int,
-    sync_phases: bool = False,
-) -> dict:
+def run_plain(job: Job, sync_phases: bool = False) -> dict:
     """The same training in a bare loop (what RecurrentRecommender.training_step does, with
     no Lightning), timed per phase. ``sync_phases`` synchronises CUDA between phases."""
+    s, model, dm, n_items, counts, args, chunks, epochs = job
     import torch
 
     from hrnn_lit.models import update
@@ -403,7 +399,8 @@ def run_plain(
     sampler = None
     if s.n_sample > 0:
         sampler = PopularitySampler(counts, s.sample_alpha).to(device)
-    opt = SparseRowOptimizer(core.parameters(), kind="adagrad", lr=LR)
+    params = list(core.parameters())
+    opt = SparseRowOptimizer(params, kind="adagrad", lr=LR)
     sync = (lambda: torch.cuda.synchronize()) if sync_phases else (lambda: None)
     pc = time.perf_counter
     ph = dict.fromkeys(PHASES, 0.0)
@@ -441,14 +438,10 @@ def run_plain(
             t_fwd += pc() - a
             for t in range(T):
                 p0 = pc()
-                start = None
-                if batch["any_start"][t]:
-                    lo, hi = batch["next_session_offsets"][t : t + 2]
-                    rows = batch["next_session_rows"][lo:hi]
-                    ss, us = batch["session_start"][t], batch["user_start"][t]
-                    h, c, start = update.start_sessions(core, h, c, ss, us, rows)
+                h, c, start = update.start_step(core, batch, t, h, c)
                 items = tgt[t] if samples is None else torch.cat([tgt[t], samples[t]])
-                opt.zero_grad(set_to_none=True)
+                for p in params:  # = opt.zero_grad(set_to_none=True)
+                    p.grad = None
                 h, loss, cache = update.forward(
                     core, loss_grad, inp[t], h, c, items, valid[t], start
                 )
@@ -532,12 +525,12 @@ def bench_train(name: str, cfg: Config, args) -> dict:
         f"evaluated; setup {setup_s:.1f}s"
     )
     runs: dict[str, list[dict]] = {"ours": [], "plain": [], "ref": []}
+    main = Job(s, cfg.model, dm, n_items, counts, args, chunks, epochs)
+    ref = Job(ref_s, "session_rnn", dm, ref_items, ref_counts, args, chunks, epochs)
     jobs = {
-        "ours": lambda: run_ours(s, cfg.model, dm, n_items, counts, args, chunks, epochs, True),
-        "plain": lambda: run_plain(s, cfg.model, dm, n_items, counts, args, chunks, epochs),
-        "ref": lambda: run_plain(
-            ref_s, "session_rnn", dm, ref_items, ref_counts, args, chunks, epochs
-        ),
+        "ours": lambda: run_ours(main, True),
+        "plain": lambda: run_plain(main),
+        "ref": lambda: run_plain(ref),
     }
     order = ["ours", "plain"] + (["ref"] if with_ref else [])
     rss = None
@@ -552,7 +545,7 @@ def bench_train(name: str, cfg: Config, args) -> dict:
     if not with_ref:
         runs["ref"] = runs["plain"]
     if args.device == "cuda":  # the timed runs had no syncs: split phases in one more pass
-        profile = [run_plain(s, cfg.model, dm, n_items, counts, args, chunks, epochs, True)]
+        profile = [run_plain(main, True)]
     else:
         profile = runs["plain"]
     us, share = _phase_summary(profile)
@@ -621,7 +614,8 @@ def bench_events(name: str, cfg: Config, args) -> dict:
     for r in range(args.repeats):
         for frac in EVENT_FRACTIONS if r % 2 == 0 else EVENT_FRACTIONS[::-1]:
             dm, n_items, counts, warmup = sizes[frac]
-            res = run_ours(s, cfg.model, dm, n_items, counts, args, None, 1, False, warmup)
+            job = Job(s, cfg.model, dm, n_items, counts, args, None, 1)
+            res = run_ours(job, False, warmup)
             runs[frac].append(res)
             rss = rss or peak_rss_mb()
             _log(

@@ -12,7 +12,7 @@ import torch
 
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES, loss_and_grad
-from hrnn_lit.models.update import start_sessions, train_step
+from hrnn_lit.models.update import backward, forward, start_sessions
 
 N_ITEMS, B, H, U = 40, 6, 5, 4
 VARIANTS = {
@@ -25,6 +25,13 @@ VARIANTS = {
     "hrnn_init_relu": dict(user_propagation="init", user_to_session_act="relu"),
     "hrnn_init_linear": dict(user_propagation="init", user_to_session_act="linear"),
 }
+
+
+def train_step(core, loss_grad, *args):
+    """forward then backward, as RecurrentRecommender.training_step runs them."""
+    h_new, loss, cache = forward(core, loss_grad, *args)
+    backward(core, cache)
+    return h_new, loss
 
 
 def make_core(variant: str, final_act: str = "linear", dropout: float = 0.0) -> RecurrentCore:

@@ -173,18 +173,14 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             samples = self._sampler.draw((T, n_sample))
         losses = torch.zeros(T, device=inp.device)
         for t in range(T):
-            start = None
-            if batch["any_start"][t]:
-                lo, hi = batch["next_session_offsets"][t : t + 2]
-                rows = batch["next_session_rows"][lo:hi]
-                ss, us = batch["session_start"][t], batch["user_start"][t]
-                h, c, start = update.start_sessions(self.core, h, c, ss, us, rows)
+            h, c, start = update.start_step(self.core, batch, t, h, c)
             items = tgt[t] if n_sample == 0 else torch.cat([tgt[t], samples[t]])
             for p in params:  # = opt.zero_grad(set_to_none=True)
                 p.grad = None
-            h, loss = update.train_step(
+            h, loss, cache = update.forward(
                 self.core, self.loss_grad, inp[t], h, c, items, valid[t], start
             )
+            update.backward(self.core, cache)
             if self._world_size > 1:  # data-parallel: average gradients over ranks
                 distributed.average_gradients(params, max_rows=B + n_sample)
             if clip > 0:

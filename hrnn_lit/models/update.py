@@ -118,6 +118,18 @@ def start_sessions(
     return h.index_copy(0, rows, h_rows), c.index_copy(0, rows, c_rows), cache
 
 
+def start_step(
+    core: RecurrentCore, batch: dict, t: int, h: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor, dict | None]:
+    """``start_sessions`` for time step t of a chunk (a PlanDataset batch): its session and
+    user starts, at steps that have any."""
+    if not batch["any_start"][t]:
+        return h, c, None
+    lo, hi = batch["next_session_offsets"][t : t + 2]
+    ss, us = batch["session_start"][t], batch["user_start"][t]
+    return start_sessions(core, h, c, ss, us, batch["next_session_rows"][lo:hi])
+
+
 def _user_level_backward(core: RecurrentCore, st: dict, dh: Tensor, dc: Tensor | None):
     """Gradients of the user GRU and the init projection from those of the step's starting
     states, d h [B, H] and d c [B, U] (None: c was not used by the step)."""
@@ -222,19 +234,3 @@ def backward(core: RecurrentCore, cache: dict) -> None:
     if start is not None:
         dh_prev = torch.addmm(dh * gru["z"], dgh, core.w_h.weight)  # d h_prev [B, H]
         _user_level_backward(core, start, dh_prev, dc)
-
-
-def train_step(
-    core: RecurrentCore,
-    loss_grad: LossGrad,
-    item: Tensor,
-    h: Tensor,
-    c: Tensor,
-    candidates: Tensor,
-    valid: Tensor,
-    start: dict | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``forward`` then ``backward``: sets the gradients, returns (new h, loss)."""
-    h_new, loss, cache = forward(core, loss_grad, item, h, c, candidates, valid, start)
-    backward(core, cache)
-    return h_new, loss
