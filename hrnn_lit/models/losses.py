@@ -5,8 +5,9 @@ valid columns (in-batch targets of other slots, then S sampled items) are negati
 negative for anyone). Each loss averages over valid rows.
 
 Training needs the loss and its gradient with respect to the scores (``loss_and_grad``):
-cross-entropy and TOP1 have hand-written gradients (a few fused passes over [B, B+S], no
-autograd graph); the other losses get theirs from autograd on the score matrix alone.
+cross-entropy and TOP1 have hand-written gradients (a few passes over [B, B+S], no autograd
+graph, the per-row weights returned apart); the other losses get theirs from autograd on the
+score matrix alone.
 """
 
 from __future__ import annotations
@@ -96,29 +97,31 @@ def _row_weights(row_valid: Tensor, dtype: torch.dtype) -> Tensor:
     return w / w.sum().clamp(min=1)
 
 
-def cross_entropy_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor]:
-    """(cross-entropy, d loss / d scores). Overwrites ``scores`` with the gradient.
+def cross_entropy_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(cross-entropy, per-row gradient, row weights): d loss / d scores = grad * w[:, None].
+    Overwrites ``scores``.
 
-    lse is recovered from the softmax itself: p_max = exp(m - lse) >= 1/N never underflows,
-    so lse = m - log(p_max) is exact where log(p_target) could be -inf.
+    Two passes over [B, B+S]: the softmax and its row maxima. Only the [B, B] block of
+    in-batch targets is masked (empty slots' targets are nobody's negative). lse comes from
+    the softmax: p_max = exp(m - lse) >= 1/N never underflows, so lse = m - log(p_max) is
+    exact where log(p_target) could be -inf (m: the score at the argmax).
     """
-    B, N = scores.shape
-    col_valid = torch.cat([row_valid, row_valid.new_ones(N - B)])
-    logits = scores.add_(torch.where(col_valid, 0.0, _MASKED))
-    m = logits.amax(1)
-    pos = logits.diagonal().clone()
-    p = torch.softmax(logits, dim=1)
-    lse = m - torch.log(p.amax(1))
+    B = scores.shape[0]
+    scores[:, :B].masked_fill_(~row_valid, _MASKED)  # a valid row keeps its target
+    pos = scores.diagonal().clone()
+    p = torch.softmax(scores, dim=1)
+    p_max, arg = p.max(1)
+    lse = scores.gather(1, arg[:, None]).view(-1) - torch.log(p_max)
     w = _row_weights(row_valid, scores.dtype)
     loss = ((lse - pos) * w).sum()
-    grad = p.mul_(w[:, None])  # softmax - one-hot(target), per row weight
-    grad.diagonal().sub_(w)
-    return loss, grad
+    p.diagonal().sub_(1.0)  # softmax - one-hot(target)
+    return loss, p, w
 
 
-def top1_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor]:
-    """(TOP1, d loss / d scores). With a = sigmoid(s_j - s_pos), b = sigmoid(s_j^2) over the
-    row's negatives j: d/ds_j = a(1-a) + 2 s_j b(1-b); d/ds_pos = -sum_j a(1-a)."""
+def top1_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(TOP1, per-row gradient, row weights): d loss / d scores = grad * w[:, None]. With
+    a = sigmoid(s_j - s_pos), b = sigmoid(s_j^2) over the row's negatives j:
+    d/ds_j = a(1-a) + 2 s_j b(1-b); d/ds_pos = -sum_j a(1-a)."""
     B, N = scores.shape
     col = torch.cat([row_valid, row_valid.new_ones(N - B)]).to(scores.dtype)
     n_neg = (col.sum() - 1).clamp(min=1)
@@ -132,16 +135,16 @@ def top1_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor]:
     da.diagonal().zero_()
     grad = b.mul_(1 - b).mul_(scores).mul_(2 * col).add_(da)
     grad.diagonal().copy_(-da.sum(1))
-    return loss, grad.mul_((w / n_neg)[:, None])
+    return loss, grad, w / n_neg
 
 
 def _autograd_grad(loss_fn):
-    def loss_and_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor]:
+    def loss_and_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor, None]:
         with torch.enable_grad():
             s = scores.detach().requires_grad_()
             loss = loss_fn(s, row_valid)
             (grad,) = torch.autograd.grad(loss, s)
-        return loss.detach(), grad
+        return loss.detach(), grad, None
 
     return loss_and_grad
 
@@ -158,8 +161,10 @@ _GRADS = {"cross-entropy": cross_entropy_grad, "top1": top1_grad}
 
 
 def loss_and_grad(name: str, **kwargs):
-    """``f(scores, row_valid) -> (loss, d loss / d scores)`` for the loss ``name``; ``f`` may
-    overwrite ``scores``."""
+    """``f(scores, row_valid) -> (loss, grad, row_scale)`` for the loss ``name``:
+    d loss / d scores = grad * row_scale[:, None] (row_scale None: grad itself), so that the
+    caller can fold the [B] row weights into its smaller matrices instead of another pass
+    over [B, B+S]. ``f`` may overwrite ``scores``."""
     if name in _GRADS and not kwargs:
         return _GRADS[name]
     return _autograd_grad(functools.partial(LOSSES[name], **kwargs))

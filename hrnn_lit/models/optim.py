@@ -77,7 +77,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            fused = []  # dense CPU tensors under plain Adagrad: one fused kernel for all
+            fused = []  # CPU tensors under plain Adagrad: one fused kernel for all
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -90,24 +90,35 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         return loss
 
     def _fusable(self, p: Tensor, group: dict) -> bool:
-        plain = group["kind"] == "adagrad" and not group["momentum"]
-        return plain and not p.grad.is_sparse and p.device.type == "cpu"
+        return group["kind"] == "adagrad" and not group["momentum"] and p.device.type == "cpu"
 
     def _fused_adagrad(self, params: list[Tensor], group: dict) -> None:
         """torch's fused CPU Adagrad (acc += g^2; p -= lr g / (sqrt(acc) + eps), with L2 by
-        ``weight_decay``): the same update as ``_update``'s dense path in one kernel."""
-        accs, steps = [], []
+        ``weight_decay``): the update of ``_update`` in one kernel for all tensors. A
+        row-sparse gradient's rows (and their accumulators) are gathered, updated there and
+        written back: only the touched rows are read and written."""
+        ps, grads, accs, steps, rows = [], [], [], [], []
         for p in params:
             state = self.state[p]
             if not state:
                 self._init_state(state, p, group)
-            accs.append(state["acc"])
+            idx, g = _rows(p.grad)
+            acc = state["acc"]
+            if idx is not None:  # gathered copies, written back below
+                rows.append((p, acc, idx, len(ps)))
+                p, acc = p.index_select(0, idx), acc.index_select(0, idx)
+            ps.append(p)
+            grads.append(g)
+            accs.append(acc)
             steps.append(state.setdefault("fused_step", torch.zeros((), dtype=torch.float32)))
         torch._fused_adagrad_(
-            params, [p.grad for p in params], accs, steps,
+            ps, grads, accs, steps,
             lr=group["lr"], lr_decay=0.0, weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=False,
         )  # fmt: skip
+        for p, acc, idx, k in rows:
+            p.index_copy_(0, idx, ps[k])
+            acc.index_copy_(0, idx, accs[k])
 
     def _update(self, p: Tensor, group: dict) -> None:
         idx, g = _rows(p.grad)

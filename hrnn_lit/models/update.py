@@ -24,7 +24,7 @@ from torch import Tensor
 
 from hrnn_lit.models.core import RecurrentCore
 
-LossGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+LossGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
 
 
 def _act_derivative(name: str, y: Tensor) -> Tensor | None:
@@ -187,14 +187,17 @@ def forward(
         s.addmm_(c, u_out.T)
     y = core.final_act(s)
     d_act = _act_derivative(core.final_act_name, y)
-    loss, ds = loss_grad(y, valid)  # may overwrite y; loss = mean over the valid slots
+    loss, ds, row_scale = loss_grad(y, valid)  # may overwrite y; loss: mean over valid slots
+    if d_act is not None:
+        ds.mul_(d_act)  # [B, N]
     # the update weighs each slot alike, an empty one as zero: a step with few valid slots
-    # (the epoch's last steps, where few users are left) moves the weights that much less
+    # (the epoch's last steps, where few users are left) moves the weights that much less.
+    # d step / d s = ds * r[:, None]; r is applied to the [B, *] factors in backward.
     share = valid.sum().to(ds.dtype) / B  # of the slots
-    ds.mul_(share if d_act is None else d_act * share)  # [B, N]
+    r = (share if row_scale is None else row_scale * share).expand(B)[:, None]  # [B, 1]
     cache = dict(
         c=c, item=item, candidates=candidates, gru=gru, mask=mask, h_out=h_out,
-        w_out=w_out, u_out=u_out, ds=ds, start=start,
+        w_out=w_out, u_out=u_out, ds=ds, r=r, start=start,
     )  # fmt: skip
     return h_new, loss, cache
 
@@ -203,17 +206,18 @@ def forward(
 def backward(core: RecurrentCore, cache: dict) -> None:
     """Set ``.grad`` of every parameter the step touched (they must be None before)."""
     H = core.hidden_size
-    ds, c, gru, start = cache["ds"], cache["c"], cache["gru"], cache["start"]
+    ds, r, c, gru, start = cache["ds"], cache["r"], cache["c"], cache["gru"], cache["start"]
 
-    # ---- output layer
+    # ---- output layer (the step's gradient of the scores is ds * r: r scales the rows)
     uniq, inv = torch.unique(cache["candidates"], return_inverse=True)
-    core.out_w.weight.grad = _rows_grad(core.out_w.weight.shape, uniq, inv, ds.T @ cache["h_out"])
-    core.out_b.weight.grad = _rows_grad(core.out_b.weight.shape, uniq, inv, ds.sum(0)[:, None])
-    dh = ds @ cache["w_out"]  # [B, H]
+    g_w = ds.T @ (cache["h_out"] * r)  # [N, H]
+    core.out_w.weight.grad = _rows_grad(core.out_w.weight.shape, uniq, inv, g_w)
+    core.out_b.weight.grad = _rows_grad(core.out_b.weight.shape, uniq, inv, ds.T @ r)
+    dh = (ds @ cache["w_out"]).mul_(r)  # [B, H]
     dc = None
     if core.user_to_output:
-        core.out_u.weight.grad = _rows_grad(core.out_u.weight.shape, uniq, inv, ds.T @ c)
-        dc = ds @ cache["u_out"]  # [B, U]
+        core.out_u.weight.grad = _rows_grad(core.out_u.weight.shape, uniq, inv, ds.T @ (c * r))
+        dc = (ds @ cache["u_out"]).mul_(r)  # [B, U]
     if cache["mask"] is not None:
         dh.mul_(cache["mask"])
 
