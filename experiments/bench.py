@@ -38,6 +38,8 @@ for a); an epoch is capped at the config's ``chunks`` to bound the time, except 
 a_events. a_session_rnn_200k = a with a 200k-item catalogue (same
 events; the catalogue is padded with unseen items of count 1, so the sampler spans it);
 a_events = full epochs of a's session RNN on 1/8, 1/4 and 1/2 of a's users (linearity).
+a_session_rnn_bf16 = a under trainer precision bf16-mixed (the two [B, B+S] products of the
+backward in bfloat16), its reference the float32 plain loop of a, interleaved.
 
     python experiments/bench.py                        # all configs, bench.json
     python experiments/bench.py --configs a_session_rnn a_hrnn_init --repeats 5
@@ -120,6 +122,7 @@ class Setting:
     chunks: int  # chunks per measured epoch (limit_train_batches)
     eval_events: int  # scored test events to evaluate (whole users)
     sample_alpha: float = 0.5
+    precision: str = "32-true"  # Trainer precision; bf16-mixed: bfloat16 backward products
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ A = Setting("gru4rec", "cross-entropy", 100, 128, 2048, 20_000, chunks=5, eval_e
 B = Setting("xing", "top1", 100, 50, 0, None, chunks=12, eval_events=8000)
 C = dataclasses.replace(B, hidden=500, chunks=5, eval_events=3000)
 A200 = dataclasses.replace(A, catalogue=200_000, eval_events=2000)
+A_BF16 = dataclasses.replace(A, precision="bf16-mixed")
 CONFIGS = {
     "a_session_rnn": Config(A, "session_rnn"),
     "a_hrnn_init": Config(A, "hrnn_init"),
@@ -142,6 +146,7 @@ CONFIGS = {
     "c_session_rnn": Config(C, "session_rnn"),
     "c_hrnn_init": Config(C, "hrnn_init"),
     "a_session_rnn_200k": Config(A200, "session_rnn", ref=A),
+    "a_session_rnn_bf16": Config(A_BF16, "session_rnn", ref=A),
     "a_events": Config(A, "session_rnn", kind="events"),
 }
 
@@ -334,6 +339,7 @@ def run_ours(job: Job, evaluate: bool, warmup: int | None = None) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        precision=s.precision,
         callbacks=[timer, throughput],
     )
     trainer.fit(module, datamodule=dm)
@@ -396,6 +402,7 @@ def run_plain(job: Job, sync_phases: bool = False) -> dict:
     device = torch.device(args.device)
     core = RecurrentCore(n_items, **model_kwargs(s, model)).to(device)
     loss_grad = loss_and_grad(s.loss)
+    mm_dtype = torch.bfloat16 if s.precision == "bf16-mixed" else None
     sampler = None
     if s.n_sample > 0:
         sampler = PopularitySampler(counts, s.sample_alpha).to(device)
@@ -443,7 +450,7 @@ def run_plain(job: Job, sync_phases: bool = False) -> dict:
                 for p in params:  # = opt.zero_grad(set_to_none=True)
                     p.grad = None
                 h, loss, cache = update.forward(
-                    core, loss_grad, inp[t], h, c, items, valid[t], start
+                    core, loss_grad, inp[t], h, c, items, valid[t], start, mm_dtype
                 )
                 sync()
                 p1 = pc()
@@ -734,6 +741,11 @@ def compute_ratios(res: dict) -> dict:
         r[f"{s}/hrnn_vs_session_eval"] = _get(res, hr, "eval_events_per_s") / _get(
             res, ses, "eval_events_per_s"
         )
+    # bf16-mixed over float32: plain loops interleaved in one process, and ours across runs
+    r["a/bf16_vs_float32_plain_same_run"] = _get(res, "a_session_rnn_bf16", "plain_vs_ref")
+    r["a/bf16_vs_float32"] = _get(res, "a_session_rnn_bf16", "train_events_per_s") / _get(
+        res, "a_session_rnn", "train_events_per_s"
+    )
     big, small = "a_session_rnn_200k", "a_session_rnn"
     r["catalogue/train_200k_vs_20k"] = _get(res, big, "train_events_per_s") / _get(
         res, small, "train_events_per_s"
@@ -769,6 +781,12 @@ def compute_targets(res: dict, ratios: dict) -> list[dict]:
         (
             "a session_rnn training events/s",
             _get(res, "a_session_rnn", "train_events_per_s"),
+            ">=",
+            60_000,
+        ),
+        (
+            "a session_rnn bf16-mixed training events/s",
+            _get(res, "a_session_rnn_bf16", "train_events_per_s"),
             ">=",
             60_000,
         ),
@@ -828,10 +846,11 @@ def format_report(result: dict) -> str:
         "",
         "train = ours (Lightning Trainer) events/s; plain = bare loop, same model; ovh = "
         "ours time / plain time - 1;",
-        "eval = scored events/s of trainer.test (history replay included); step = us per "
-        "update of the plain loop by phase.",
+        "eval = scored events/s of trainer.test (history replay included); R@20 = its "
+        "recall@20 after the timed training; step = us per update of the plain loop by phase.",
         f"{'config':<19}{'items':>8}{'B':>4}{'H':>4}{'train':>8}{'plain':>8}{'ovh':>7}"
-        f"{'eval':>8}{'RSS MB':>8}{'ours':>8} | {'data':>6}{'fwd':>7}{'bwd':>7}{'optim':>7}"
+        f"{'eval':>8}{'R@20':>7}{'RSS MB':>8}{'ours':>8} | {'data':>6}{'fwd':>7}{'bwd':>7}"
+        f"{'optim':>7}"
         f"{'other':>6}{'plain':>7}  us/step",
     ]
     for name, r in res.items():
@@ -851,8 +870,9 @@ def format_report(result: dict) -> str:
             f"{name:<19}{r['n_items']:>8,}{st['batch']:>4}{st['hidden']:>4}"
             f"{_f(r['train_events_per_s']):>8}{_f(r['plain_events_per_s']):>8}"
             f"{_f(100 * r['lightning_overhead'], '+.1f'):>6}%"
-            f"{_f(r['eval_events_per_s']):>8}{_f(r['peak_rss_mb']):>8}"
-            f"{_f(r['ours_step_us']):>8} | {_f(us['data']):>6}{_f(us['forward']):>7}"
+            f"{_f(r['eval_events_per_s']):>8}{_f(r.get('recall@20'), '.4f'):>7}"
+            f"{_f(r['peak_rss_mb']):>8}{_f(r['ours_step_us']):>8} | "
+            f"{_f(us['data']):>6}{_f(us['forward']):>7}"
             f"{_f(us['backward']):>7}{_f(us['optimiser']):>7}{_f(us['other']):>6}"
             f"{_f(us['total']):>7}"
         )

@@ -11,6 +11,7 @@ from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.module import OPTIMIZERS
 
 MODES = ("train", "test", "prepare")
+PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand-written training step runs
 
 
 def _get(cfg: DictConfig, key: str):
@@ -70,6 +71,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.ks must hold positive integers, got {k!r}")
     _choice(cfg, "eval.ties", TIES)
     _int(cfg, "trainer.max_epochs", 1)
+    precision = OmegaConf.select(cfg, "trainer.precision", default="32-true")
+    if str(precision) not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision must be one of {list(PRECISIONS)} (bf16-mixed: the output "
+            f"layer's training products in bfloat16), got {precision!r}"
+        )
     every = OmegaConf.select(cfg, "callbacks.model_checkpoint.every_n_train_steps")
     if every is not None:
         _int(cfg, "callbacks.model_checkpoint.every_n_train_steps", 1)

@@ -61,6 +61,7 @@ def test_fit_on_train_skips_validation(tmp_path):
         ("model.loss=hinge", "model.loss"),
         ("model.dropout_user=1.5", "model.dropout_user"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("trainer.precision=16-mixed", "trainer.precision"),
     ],
 )
 def test_bad_config_values_name_the_key(override, key, tmp_path):

@@ -166,3 +166,28 @@ def test_state_is_unchanged_by_copies():
     train_step(core, loss_and_grad("top1"), item, h, c, cand, valid)
     for k, v in core.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("variant", ["session_rnn", "hrnn_init_output"])
+def test_bfloat16_output_products_stay_close_to_full_precision(variant):
+    """mm_dtype=bfloat16 (trainer.precision=bf16-mixed): the output layer's products take
+    bfloat16 factors; loss, state and every gradient stay within bfloat16 rounding of the
+    full-precision step, and are not bit-equal to it (the products did change dtype)."""
+    h, c, item, cand, valid, *_ = inputs(5)
+    runs = []
+    for mm_dtype in (None, torch.bfloat16):
+        core = make_core(variant)
+        h_new, loss, cache = forward(
+            core, loss_and_grad("cross-entropy"), item, h, c, cand, valid, None, mm_dtype
+        )
+        backward(core, cache)
+        runs.append((loss, h_new, dense_grads(core)))
+    (ref_loss, ref_h, ref_g), (loss, h_new, g) = runs
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=2e-2)
+    torch.testing.assert_close(h_new, ref_h, rtol=0, atol=0)  # the GRU is not affected
+    assert sorted(g) == sorted(ref_g)
+    for name in ref_g:
+        assert g[name].dtype == ref_g[name].dtype, name
+        scale = ref_g[name].abs().max()
+        torch.testing.assert_close(g[name], ref_g[name], rtol=0, atol=2e-2 * scale, msg=name)
+    assert not torch.equal(g["out_w.weight"], ref_g["out_w.weight"])

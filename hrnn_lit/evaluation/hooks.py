@@ -33,8 +33,13 @@ class RankingEvalHooks:
     def on_validation_epoch_start(self) -> None:
         self._eval_begin()
 
+    def _eval_step(self, batch: dict) -> None:
+        # ranks come from float32 scores under any trainer precision (bf16 scores would tie)
+        with torch.autocast(batch["input"].device.type, enabled=False):
+            self._eval_chunk(batch)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_chunk(batch)
+        self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         if len(self._collector) or torch.distributed.is_initialized():
@@ -44,7 +49,7 @@ class RankingEvalHooks:
         self._eval_begin()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_chunk(batch)
+        self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._eval_finish("test"))

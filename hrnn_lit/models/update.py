@@ -164,11 +164,16 @@ def forward(
     candidates: Tensor,
     valid: Tensor,
     start: dict | None = None,
+    mm_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Session-GRU step on input items [B] from states h [B, H], c [B, U] (``start``: the
     cache of ``start_sessions`` when it ran before this step), scores of the candidates [N]
     (targets first), the loss and its gradient. Returns (new h [B, H], loss, what
-    ``backward`` needs)."""
+    ``backward`` needs). ``mm_dtype`` (e.g. bfloat16): the two [B, N] products of the
+    backward (the scores' gradients to h and to the item rows) run in that dtype. The
+    scores stay float32: a bfloat16 score of magnitude 20 is off by up to 0.06, enough to
+    bias the softmax (measured: a higher training loss), while gradients of the scores
+    (ds) are bounded and take the rounding as noise."""
     H, B = core.hidden_size, item.numel()
     gi = core.item_in.weight.index_select(0, item).add_(core.bias_in)  # [B, 3H]
     gh = torch.addmm(core.w_h.bias, h, core.w_h.weight.T)  # [B, 3H]
@@ -197,7 +202,7 @@ def forward(
     r = (share if row_scale is None else row_scale * share).expand(B)[:, None]  # [B, 1]
     cache = dict(
         c=c, item=item, candidates=candidates, gru=gru, mask=mask, h_out=h_out,
-        w_out=w_out, u_out=u_out, ds=ds, r=r, start=start,
+        w_out=w_out, u_out=u_out, ds=ds, r=r, start=start, mm_dtype=mm_dtype,
     )  # fmt: skip
     return h_new, loss, cache
 
@@ -210,14 +215,18 @@ def backward(core: RecurrentCore, cache: dict) -> None:
 
     # ---- output layer (the step's gradient of the scores is ds * r: r scales the rows)
     uniq, inv = torch.unique(cache["candidates"], return_inverse=True)
-    g_w = ds.T @ (cache["h_out"] * r)  # [N, H]
+    db = ds.T @ r  # [N, 1], float32
+    f32, lp = ds.dtype, cache["mm_dtype"] or ds.dtype  # lp: the products' dtype
+    ds = ds.to(lp)
+    g_w = (ds.T @ (cache["h_out"] * r).to(lp)).to(f32)  # [N, H]
     core.out_w.weight.grad = _rows_grad(core.out_w.weight.shape, uniq, inv, g_w)
-    core.out_b.weight.grad = _rows_grad(core.out_b.weight.shape, uniq, inv, ds.T @ r)
-    dh = (ds @ cache["w_out"]).mul_(r)  # [B, H]
+    core.out_b.weight.grad = _rows_grad(core.out_b.weight.shape, uniq, inv, db)
+    dh = (ds @ cache["w_out"].to(lp)).to(f32).mul_(r)  # [B, H]
     dc = None
     if core.user_to_output:
-        core.out_u.weight.grad = _rows_grad(core.out_u.weight.shape, uniq, inv, ds.T @ (c * r))
-        dc = (ds @ cache["u_out"]).mul_(r)  # [B, U]
+        g_u = (ds.T @ (c * r).to(lp)).to(f32)  # [N, U]
+        core.out_u.weight.grad = _rows_grad(core.out_u.weight.shape, uniq, inv, g_u)
+        dc = (ds @ cache["u_out"].to(lp)).to(f32).mul_(r)  # [B, U]
     if cache["mask"] is not None:
         dh.mul_(cache["mask"])
 
