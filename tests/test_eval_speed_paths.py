@@ -159,6 +159,80 @@ def test_target_score_off_its_block_falls_back_to_the_plain_path(monkeypatch):
     assert calls
 
 
+def capped(ranks, cap, n_items):
+    """The full-matrix ranks with those above cap as cap + 1 (n_items + 1 kept)."""
+    return torch.where((ranks > cap) & (ranks <= n_items), cap + 1, ranks)
+
+
+@pytest.mark.parametrize("ties", TIES)
+def test_capped_ranks_equal_capped_full_matrix_ranks(ties):
+    """rank_cap: exact ranks up to the cap, cap + 1 above it, for every act, with and
+    without a user term, caps from 1 to beyond the catalogue, rows around MIN_ROWS."""
+    H, U, n_items = 24, 8, 2501
+    g = torch.Generator().manual_seed(11)
+    for act in ranking.ACTS:
+        for user in (False, True):
+            w, b, u = weights(n_items, H, U if user else 0, seed=12)
+            for n_rows in (33, 90, 400):
+                h = torch.randn(n_rows, H, generator=g)
+                c = torch.randn(n_rows, U, generator=g) if user else None
+                tg = torch.randint(0, n_items, (n_rows,), generator=g)
+                ref = full_reference(h, tg, w, b, ties, c, u, act)
+                for cap in (1, 5, 20, 300, n_items + 5):
+                    for cols in (None, 64, 700):
+                        got = catalogue_ranks(
+                            h, tg, w, b, ties, c, u, act, block_cols=cols, rank_cap=cap
+                        )
+                        expected = capped(ref, cap, n_items)
+                        assert torch.equal(got, expected), (act, user, n_rows, cap, cols)
+
+
+def test_capped_ranking_scores_fewer_items(monkeypatch):
+    """Rows leave the product once their count passes the cap: far fewer scores are
+    computed than n_rows x n_items, and every row still gets its (capped) rank."""
+    n_items, H, n_rows = 4000, 16, 256
+    w, b, _ = weights(n_items, H, seed=13)
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(n_rows, H, generator=g)
+    tg = torch.randint(0, n_items, (n_rows,), generator=g)
+    tg[:40] = (h[:40] @ w.T + b.T).argmax(1)  # hits
+    scored = []
+    real = ranking._act
+
+    def counting(s, act, inplace):
+        scored.append(s.numel())
+        return real(s, act, inplace)
+
+    monkeypatch.setattr(ranking, "_act", counting)
+    got = catalogue_ranks(h, tg, w, b, block_cols=200, rank_cap=10)
+    assert sum(scored) < 0.25 * n_rows * n_items
+    ref = full_reference(h, tg, w, b, "conservative")
+    assert torch.equal(got, capped(ref, 10, n_items))
+    assert int((got <= 10).sum()) >= 40 and int((got == 11).sum()) > n_rows // 2
+
+
+@pytest.mark.parametrize("ties", TIES)
+def test_capped_ranks_with_exact_ties_and_non_finite_scores(ties):
+    """Exact integer ties counted by hand, and NaN/inf targets (n_items + 1), under a cap."""
+    g = torch.Generator().manual_seed(15)
+    n_items, H, n_rows = 300, 6, 120
+    w = torch.randint(-2, 3, (n_items, H), generator=g).float()
+    b = torch.randint(-1, 2, (n_items, 1), generator=g).float()
+    w[3] = float("nan")
+    b[4] = float("inf")
+    b[5] = float("-inf")
+    h = torch.randint(-2, 3, (n_rows, H), generator=g).float()
+    tg = torch.randint(6, n_items, (n_rows,), generator=g)
+    tg[:3] = torch.tensor([3, 4, 5])
+    s = h @ w.T + b.T
+    for cap in (3, 40):
+        got = catalogue_ranks(h, tg, w, b, ties, block_cols=40, rank_cap=cap)
+        assert got[:3].tolist() == [n_items + 1] * 3
+        for i in range(3, n_rows):
+            expected = brute_rank(s[i].tolist(), int(tg[i]), ties)
+            assert got[i] == (expected if expected <= cap else cap + 1), (cap, i)
+
+
 def test_rank_collector_add_equals_add_ranks():
     g = torch.Generator().manual_seed(11)
     scores = torch.randint(0, 5, (40, 30), generator=g).float()

@@ -9,16 +9,22 @@ import torch
 from torch import Tensor
 
 from hrnn_lit.evaluation.metrics import metrics_from_ranks, target_ranks
+from hrnn_lit.evaluation.ranking import cap_ranks
 
 FIELDS = ("rank", "position", "history")
 
 
 class RankCollector:
     """Ranks of scored targets with their position in session and the user's history
-    length (number of earlier sessions), for one stage (val or test)."""
+    length (number of earlier sessions), for one stage (val or test).
 
-    def __init__(self, ties: str = "conservative"):
+    ``rank_cap`` (the largest K of the metrics): ranks above it are kept as rank_cap + 1,
+    whichever path computed them; no metric at K <= rank_cap depends on them, and the
+    ranking may skip resolving them (``ranking.catalogue_ranks``). None: exact ranks."""
+
+    def __init__(self, ties: str = "conservative", rank_cap: int | None = None):
         self.ties = ties
+        self.rank_cap = rank_cap
         self._parts: list[dict[str, Tensor]] = []
 
     def add(self, scores: Tensor, targets: Tensor, position: Tensor, history: Tensor) -> None:
@@ -31,7 +37,7 @@ class RankCollector:
         ``ranking.catalogue_ranks``); a rank above ``n_items`` marks a non-finite score."""
         self._parts.append(
             {
-                "rank": ranks,
+                "rank": cap_ranks(ranks, self.rank_cap, n_items),
                 "position": position,
                 "history": history,
                 "n_items": torch.full_like(ranks, n_items),

@@ -18,7 +18,7 @@ class RankingEvalHooks:
         """Per-pass state (e.g. carried hidden states) to clear at a pass start."""
 
     def _eval_begin(self) -> None:
-        self._collector = RankCollector(self.eval_ties)
+        self._collector = RankCollector(self.eval_ties, rank_cap=max(self.eval_ks))
         self._eval_reset()
 
     def _eval_finish(self, stage: str) -> dict[str, float]:

@@ -15,6 +15,11 @@ other kernels, take the plain path instead; (2) every target score used for coun
 checked against the value its own column block produced, and a row block where any differs
 is recomputed by the plain path, so a target is never compared with a value of its own
 score that the product did not give.
+
+With ``rank_cap`` (the largest K of the metrics) ranks above it are not resolved: they come
+back as rank_cap + 1, which changes no Recall/MRR/NDCG@K with K <= rank_cap. A row leaves
+the product as soon as its count passes the cap, so the products shrink block by block:
+most targets are known to miss the top K after the first few thousand items.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def catalogue_ranks(
     act: str = "linear",
     max_rows: int = 1024,
     block_cols: int | None = None,
+    rank_cap: int | None = None,
 ) -> Tensor:
     """1-based rank [N] of each target among all items, for scores
     ``act(h @ weight.T + bias.T (+ user @ user_weight.T))``: the same ranks as
@@ -95,7 +101,8 @@ def catalogue_ranks(
     user_weight [n_items, U] optional; act one of ``ACTS``. Rows go in blocks of at most
     ``max_rows`` (on CPU nearly equal ones, so none is tiny unless N is; elsewhere also at
     most 32 MB of scores, each scored in full); ``block_cols``: items per column block on
-    CPU (default: about BLOCK_BYTES of scores).
+    CPU (default: about BLOCK_BYTES of scores). ``rank_cap``: ranks above it come back as
+    rank_cap + 1 (None: all exact); a non-finite target score still gives n_items + 1.
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
@@ -116,39 +123,77 @@ def catalogue_ranks(
         ranks = None
         if h.device.type == "cpu" and hi - lo >= MIN_ROWS and n_items >= 2 * MIN_ROWS:
             with torch.no_grad():
-                ranks = _blocked_ranks(*args, *uargs, block_cols)
+                ranks = _blocked_ranks(*args, *uargs, block_cols, rank_cap)
         if ranks is None:  # plain path (also where a target score was off its block's)
             ranks = target_ranks(linear_scores(args[0], weight, bias, *uargs), args[1], ties)
-        parts.append(ranks)
+        parts.append(cap_ranks(ranks, rank_cap, n_items))
     return torch.cat(parts) if parts else targets.new_zeros(0)
 
 
-def _blocked_ranks(h, targets, weight, bias, ties, user, user_weight, act, block_cols):
+def cap_ranks(ranks: Tensor, rank_cap: int | None, n_items: int) -> Tensor:
+    """Ranks above ``rank_cap`` as rank_cap + 1, keeping n_items + 1 (non-finite score)."""
+    if rank_cap is None:
+        return ranks
+    return torch.where((ranks > rank_cap) & (ranks <= n_items), rank_cap + 1, ranks)
+
+
+def _blocked_ranks(h, targets, weight, bias, ties, user, user_weight, act, block_cols, cap):
+    """Ranks counted column block by column block, None where a target score differs from
+    its block's value. With ``cap``, rows whose count passes it leave the product (their
+    rank is only known to exceed it); once fewer than MIN_ROWS are left, those finish on
+    the plain path."""
     n_rows, n_items = h.shape[0], weight.shape[0]
-    cols = block_cols or BLOCK_BYTES // (4 * n_rows)
-    bounds = _splits(n_items, max(cols, MIN_ROWS))
-    width = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     t = _target_scores(h, targets, weight, bias, user, user_weight, act)
-    t_col = t[:, None]
-    buf = torch.empty(n_rows * width, dtype=t.dtype)
-    ubuf = torch.empty(n_rows * width, dtype=t.dtype) if user_weight is not None else None
+    compare = torch.Tensor.ge_ if ties == "conservative" else torch.Tensor.gt_
+    # rank = count (conservative) or count + 1 (optimistic); rank > cap <=> count > limit
+    limit = None if cap is None else cap - (ties != "conservative")
     count = torch.zeros(n_rows, dtype=torch.float64)
     seen = torch.full_like(t, float("nan"))  # each target's score as its column block gave it
-    compare = torch.Tensor.ge_ if ties == "conservative" else torch.Tensor.gt_
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        s = buf[: n_rows * (hi - lo)].view(n_rows, hi - lo)  # contiguous
-        torch.addmm(bias[lo:hi].T, h, weight[lo:hi].T, out=s)
-        if ubuf is not None:
-            u = ubuf[: n_rows * (hi - lo)].view(n_rows, hi - lo)
-            torch.mm(user, user_weight[lo:hi].T, out=u)
-            s.add_(u)
+    plain = torch.zeros(n_rows, dtype=torch.long)  # ranks of rows finished on the plain path
+    done_plain = torch.zeros(n_rows, dtype=torch.bool)
+    alive = torch.arange(n_rows)  # rows still counted
+    a_h, a_t, a_tg, a_u = h, t, targets, user
+    a_count, a_seen = count.clone(), seen.clone()
+    buf = torch.empty(0, dtype=t.dtype)
+    lo = 0
+    while lo < n_items and alive.numel():
+        m = alive.numel()
+        if m < MIN_ROWS:  # too few rows for the blocked kernels: the plain path, in full
+            scores = linear_scores(a_h, weight, bias, a_u, user_weight, act)
+            plain[alive] = target_ranks(scores, a_tg, ties)
+            done_plain[alive] = True
+            alive, a_count, a_seen = alive[:0], a_count[:0], a_seen[:0]
+            break
+        cols = max(block_cols or BLOCK_BYTES // (4 * m), MIN_ROWS)
+        hi = lo + _splits(n_items - lo, cols)[1]
+        if buf.numel() < m * (hi - lo):
+            buf = torch.empty(m * (hi - lo), dtype=t.dtype)
+        s = buf[: m * (hi - lo)].view(m, hi - lo)  # contiguous
+        torch.addmm(bias[lo:hi].T, a_h, weight[lo:hi].T, out=s)
+        if user_weight is not None:
+            s.add_(a_u @ user_weight[lo:hi].T)
         _act(s, act, inplace=True)
-        local = targets - lo
+        local = a_tg - lo
         inside = (local >= 0) & (local < hi - lo)
-        seen = torch.where(inside, s.gather(1, local.clamp(0, hi - lo - 1)[:, None])[:, 0], seen)
-        count.add_(compare(s, t_col).sum(1))
+        own = s.gather(1, local.clamp(0, hi - lo - 1)[:, None])[:, 0]
+        a_seen = torch.where(inside, own, a_seen)
+        a_count.add_(compare(s, a_t[:, None]).sum(1))
+        lo = hi
+        if limit is not None and lo < n_items:
+            out = a_count > limit
+            if bool(out.any()):
+                count[alive[out]], seen[alive[out]] = a_count[out], a_seen[out]
+                keep = ~out
+                alive, a_h, a_t, a_tg = alive[keep], a_h[keep], a_t[keep], a_tg[keep]
+                a_count, a_seen = a_count[keep], a_seen[keep]
+                a_u = a_u[keep] if a_u is not None else None
+    count[alive], seen[alive] = a_count, a_seen
     finite = torch.isfinite(t)
-    if bool(((seen != t) & finite).any()):
+    full = torch.zeros(n_rows, dtype=torch.bool)
+    full[alive] = True  # counted over every column: their own target's included
+    checked = (full | ~seen.isnan()) & ~done_plain & finite
+    if bool((checked & (seen != t)).any()):
         return None
     ranks = count.long() if ties == "conservative" else count.long() + 1
+    ranks = torch.where(done_plain, plain, ranks)
     return ranks.masked_fill_(~finite, n_items + 1)

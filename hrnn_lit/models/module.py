@@ -312,5 +312,6 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             user_weight=user_w,
             act=self.hparams.final_act,
             max_rows=self.hparams.eval_block,
+            rank_cap=self._collector.rank_cap,
         )
         self._collector.add_ranks(ranks, position, history, core.out_w.num_embeddings)
