@@ -440,17 +440,24 @@ def run_plain(job: Job, sync_phases: bool = False) -> dict:
             T, Bn = inp.shape
             h, c = state or core.initial_state(Bn, inp.device)
             samples = sampler.draw((T, s.n_sample)) if sampler is not None else None
+            cand = tgt if samples is None else torch.cat([tgt, samples], dim=1)
+            (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (
+                update.chunk_unique(v, n_items) for v in (cand, inp)
+            )
             losses = torch.zeros(T, device=device)
             sync()
             t_fwd += pc() - a
             for t in range(T):
                 p0 = pc()
                 h, c, start = update.start_step(core, batch, t, h, c)
-                items = tgt[t] if samples is None else torch.cat([tgt[t], samples[t]])
                 for p in params:  # = opt.zero_grad(set_to_none=True)
                     p.grad = None
+                distinct = (
+                    (c_val[c_off[t] : c_off[t + 1]], c_inv[t]),
+                    (i_val[i_off[t] : i_off[t + 1]], i_inv[t]),
+                )
                 h, loss, cache = update.forward(
-                    core, loss_grad, inp[t], h, c, items, valid[t], start, mm_dtype
+                    core, loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype, distinct
                 )
                 sync()
                 p1 = pc()

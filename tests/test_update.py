@@ -12,7 +12,7 @@ import torch
 
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES, loss_and_grad
-from hrnn_lit.models.update import backward, forward, start_sessions
+from hrnn_lit.models.update import backward, chunk_unique, forward, start_sessions
 
 N_ITEMS, B, H, U = 40, 6, 5, 4
 VARIANTS = {
@@ -191,3 +191,35 @@ def test_bfloat16_output_products_stay_close_to_full_precision(variant):
         scale = ref_g[name].abs().max()
         torch.testing.assert_close(g[name], ref_g[name], rtol=0, atol=2e-2 * scale, msg=name)
     assert not torch.equal(g["out_w.weight"], ref_g["out_w.weight"])
+
+
+def test_chunk_unique_equals_torch_unique_per_row():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 30, (7, 50), generator=g)
+    x[3] = 4  # a row of one value
+    values, inverse, offsets = chunk_unique(x, 30)
+    assert len(offsets) == x.shape[0] + 1 and offsets[-1] == values.numel()
+    for t in range(x.shape[0]):
+        ref_values, ref_inverse = torch.unique(x[t], return_inverse=True)
+        assert torch.equal(values[offsets[t] : offsets[t + 1]], ref_values)
+        assert torch.equal(inverse[t], ref_inverse)
+
+
+def test_precomputed_distinct_rows_give_the_same_gradients():
+    h, c, item, cand, valid, *_ = inputs(5)
+    runs = []
+    for precomputed in (False, True):
+        core = make_core("hrnn_init_output")
+        distinct = None
+        if precomputed:
+            (cv, ci, co), (iv, ii, io) = (
+                chunk_unique(cand[None], N_ITEMS),
+                chunk_unique(item[None], N_ITEMS),
+            )
+            distinct = (cv[co[0] : co[1]], ci[0]), (iv[io[0] : io[1]], ii[0])
+        step = forward(core, loss_and_grad("top1"), item, h, c, cand, valid, None, None, distinct)
+        backward(core, step[2])
+        runs.append(dense_grads(core))
+    assert runs[0].keys() == runs[1].keys()
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name

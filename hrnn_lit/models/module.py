@@ -192,15 +192,24 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
                     self.item_counts.cpu().numpy(), self.hparams.sample_alpha
                 ).to(inp.device)
             samples = self._sampler.draw((T, n_sample))
+        cand = tgt if n_sample == 0 else torch.cat([tgt, samples], dim=1)  # [T, B + S]
+        n = self.core.out_w.num_embeddings
+        (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (
+            update.chunk_unique(v, n) for v in (cand, inp)
+        )
         losses = torch.zeros(T, device=inp.device)
         for t in range(T):
             h, c, start = update.start_step(self.core, batch, t, h, c)
-            items = tgt[t] if n_sample == 0 else torch.cat([tgt[t], samples[t]])
             for p in params:  # = opt.zero_grad(set_to_none=True)
                 p.grad = None
-            h, loss, cache = update.forward(
-                self.core, self.loss_grad, inp[t], h, c, items, valid[t], start, mm_dtype
+            distinct = (
+                (c_val[c_off[t] : c_off[t + 1]], c_inv[t]),
+                (i_val[i_off[t] : i_off[t + 1]], i_inv[t]),
             )
+            h, loss, cache = update.forward(
+                self.core, self.loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
+                distinct,
+            )  # fmt: skip
             update.backward(self.core, cache)
             if self._world_size > 1:  # data-parallel: average gradients over ranks
                 distributed.average_gradients(params, max_rows=B + n_sample)
