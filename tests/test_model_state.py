@@ -254,3 +254,13 @@ def test_bf16_mixed_trains_in_float32_and_evaluates_like_float32():
         metrics[precision] = dict(bf16.eval_metrics["test"])
     assert metrics["bf16-mixed"] == metrics["32-true"]
     assert metrics["32-true"]["test/recall@20"] > 0
+
+
+def test_bf16_mixed_on_a_cpu_without_bfloat16_products_warns(monkeypatch):
+    import hrnn_lit.models.module as module
+
+    monkeypatch.setattr(module, "_cpu_bf16", lambda: False)
+    dm = _small_dm()
+    model = RecurrentRecommender(n_items=dm.n_items, item_counts=dm.item_counts)
+    with pytest.warns(UserWarning, match="bf16-mixed on a CPU without native bfloat16"):
+        _trainer("bf16-mixed", max_epochs=1, limit_train_batches=1).fit(model, datamodule=dm)

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.strategies import SingleDeviceStrategy
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from hrnn_lit import distributed
@@ -30,6 +31,14 @@ from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.models.sampling import PopularitySampler
 
 OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
+
+
+def _cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: no warning
 
 
 def _bf16_mixed(plugin) -> bool:
@@ -111,6 +120,13 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
     def _world_size(self) -> int:
         dist = torch.distributed
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def on_fit_start(self) -> None:
+        if self._mm_dtype is not None and self.device.type == "cpu" and not _cpu_bf16():
+            rank_zero_warn(
+                "trainer.precision=bf16-mixed on a CPU without native bfloat16 matrix "
+                "products (AVX512-BF16/AMX): they are emulated, slower than float32"
+            )
 
     def on_train_epoch_start(self) -> None:
         self._train_state = None
