@@ -101,17 +101,17 @@ def cross_entropy_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tenso
     """(cross-entropy, per-row gradient, row weights): d loss / d scores = grad * w[:, None].
     Overwrites ``scores``.
 
-    Two passes over [B, B+S]: the softmax and its row maxima. Only the [B, B] block of
-    in-batch targets is masked (empty slots' targets are nobody's negative). lse comes from
-    the softmax: p_max = exp(m - lse) >= 1/N never underflows, so lse = m - log(p_max) is
-    exact where log(p_target) could be -inf (m: the score at the argmax).
+    The softmax and two row maxima (``amax``; ``max`` with indices is ~15x slower) over
+    [B, B+S]. Only the [B, B] block of in-batch targets is masked (empty slots' targets are
+    nobody's negative). lse comes from the softmax: p_max = exp(m - lse) >= 1/N never
+    underflows, so lse = m - log(p_max) is exact where log(p_target) could be -inf.
     """
     B = scores.shape[0]
     scores[:, :B].masked_fill_(~row_valid, _MASKED)  # a valid row keeps its target
     pos = scores.diagonal().clone()
+    m = scores.amax(1)
     p = torch.softmax(scores, dim=1)
-    p_max, arg = p.max(1)
-    lse = scores.gather(1, arg[:, None]).view(-1) - torch.log(p_max)
+    lse = m - torch.log(p.amax(1))
     w = _row_weights(row_valid, scores.dtype)
     loss = ((lse - pos) * w).sum()
     p.diagonal().sub_(1.0)  # softmax - one-hot(target)
