@@ -110,7 +110,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             ps.append(p)
             grads.append(g)
             accs.append(acc)
-            steps.append(state.setdefault("fused_step", torch.zeros((), dtype=torch.float32)))
+            if "fused_step" not in state:
+                state["fused_step"] = torch.zeros((), dtype=torch.float32)
+            steps.append(state["fused_step"])
         torch._fused_adagrad_(
             ps, grads, accs, steps,
             lr=group["lr"], lr_decay=0.0, weight_decay=group["weight_decay"], eps=group["eps"],
