@@ -239,18 +239,22 @@ def backward(core: RecurrentCore, cache: dict) -> None:
             torch.unique(cache[k], return_inverse=True) for k in ("candidates", "item")
         )
     (uniq, inv), (in_uniq, in_inv) = distinct
-    db = ds.T @ r  # [N, 1], float32
-    f32, lp = ds.dtype, cache["mm_dtype"] or ds.dtype  # lp: the products' dtype
-    ds = ds.to(lp)
-    g_w = (ds.T @ (cache["h_out"] * r).to(lp)).to(f32)  # [N, H]
+    db = ds.T @ r  # [N, 1], in ds's dtype
+    lp = cache["mm_dtype"]  # the two [B, N] products' dtype (None: ds's own)
+    ds_lp = ds if lp is None else ds.to(lp)
+
+    def mm(a: Tensor, b: Tensor) -> Tensor:  # a (from ds_lp) @ b, result in ds's dtype
+        return a @ b if lp is None else (a @ b.to(lp)).to(ds.dtype)
+
+    g_w = mm(ds_lp.T, cache["h_out"] * r)  # [N, H]
     core.out_w.weight.grad = _rows_grad(core.out_w.weight.shape, uniq, inv, g_w)
     core.out_b.weight.grad = _rows_grad(core.out_b.weight.shape, uniq, inv, db)
-    dh = (ds @ cache["w_out"].to(lp)).to(f32).mul_(r)  # [B, H]
+    dh = mm(ds_lp, cache["w_out"]).mul_(r)  # [B, H]
     dc = None
     if core.user_to_output:
-        g_u = (ds.T @ (c * r).to(lp)).to(f32)  # [N, U]
+        g_u = mm(ds_lp.T, c * r)  # [N, U]
         core.out_u.weight.grad = _rows_grad(core.out_u.weight.shape, uniq, inv, g_u)
-        dc = (ds @ cache["u_out"].to(lp)).to(f32).mul_(r)  # [B, U]
+        dc = mm(ds_lp, cache["u_out"]).mul_(r)  # [B, U]
     if cache["mask"] is not None:
         dh.mul_(cache["mask"])
 
