@@ -75,7 +75,7 @@ def validate(cfg: DictConfig) -> None:
     if str(precision) not in PRECISIONS:
         raise ConfigError(
             f"trainer.precision must be one of {list(PRECISIONS)} (bf16-mixed: the output "
-            f"layer's training products in bfloat16), got {precision!r}"
+            f"layer's backward products in bfloat16), got {precision!r}"
         )
     every = OmegaConf.select(cfg, "callbacks.model_checkpoint.every_n_train_steps")
     if every is not None:

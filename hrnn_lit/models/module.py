@@ -182,7 +182,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
     @property
     def _mm_dtype(self) -> torch.dtype | None:
         """bfloat16 under ``trainer.precision=bf16-mixed``: the dtype of the output layer's
-        training products (``update.forward``); None: float32."""
+        two backward products (``update.forward``); None: float32."""
         trainer = self._trainer
         bf16 = trainer is not None and _bf16_mixed(trainer.precision_plugin)
         return torch.bfloat16 if bf16 else None
