@@ -441,9 +441,7 @@ def run_plain(job: Job, sync_phases: bool = False) -> dict:
             h, c = state or core.initial_state(Bn, inp.device)
             samples = sampler.draw((T, s.n_sample)) if sampler is not None else None
             cand = tgt if samples is None else torch.cat([tgt, samples], dim=1)
-            (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (
-                update.chunk_unique(v, n_items) for v in (cand, inp)
-            )
+            distinct = update.chunk_distinct(cand, inp, n_items)
             losses = torch.zeros(T, device=device)
             sync()
             t_fwd += pc() - a
@@ -452,13 +450,10 @@ def run_plain(job: Job, sync_phases: bool = False) -> dict:
                 h, c, start = update.start_step(core, batch, t, h, c)
                 for p in params:  # = opt.zero_grad(set_to_none=True)
                     p.grad = None
-                distinct = (
-                    (c_val[c_off[t] : c_off[t + 1]], c_inv[t]),
-                    (i_val[i_off[t] : i_off[t + 1]], i_inv[t]),
-                )
                 h, loss, cache = update.forward(
-                    core, loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype, distinct
-                )
+                    core, loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
+                    distinct[t],
+                )  # fmt: skip
                 sync()
                 p1 = pc()
                 update.backward(core, cache)

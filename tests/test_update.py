@@ -12,7 +12,13 @@ import torch
 
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES, loss_and_grad
-from hrnn_lit.models.update import backward, chunk_unique, forward, start_sessions
+from hrnn_lit.models.update import (
+    backward,
+    chunk_distinct,
+    chunk_unique,
+    forward,
+    start_sessions,
+)
 
 N_ITEMS, B, H, U = 40, 6, 5, 4
 VARIANTS = {
@@ -203,6 +209,17 @@ def test_chunk_unique_equals_torch_unique_per_row():
         ref_values, ref_inverse = torch.unique(x[t], return_inverse=True)
         assert torch.equal(values[offsets[t] : offsets[t + 1]], ref_values)
         assert torch.equal(inverse[t], ref_inverse)
+    steps = chunk_distinct(x, x[:, :9].flip(1), 30)  # candidates, items of each step
+    assert len(steps) == x.shape[0]
+    for t, ((c_values, c_inverse), (i_values, i_inverse)) in enumerate(steps):
+        for got, ref in (
+            ((c_values, c_inverse), torch.unique(x[t], return_inverse=True)),
+            (
+                (i_values, i_inverse),
+                torch.unique(x[t, :9].flip(0), return_inverse=True),
+            ),
+        ):
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
 def test_precomputed_distinct_rows_give_the_same_gradients():
@@ -212,11 +229,7 @@ def test_precomputed_distinct_rows_give_the_same_gradients():
         core = make_core("hrnn_init_output")
         distinct = None
         if precomputed:
-            (cv, ci, co), (iv, ii, io) = (
-                chunk_unique(cand[None], N_ITEMS),
-                chunk_unique(item[None], N_ITEMS),
-            )
-            distinct = (cv[co[0] : co[1]], ci[0]), (iv[io[0] : io[1]], ii[0])
+            (distinct,) = chunk_distinct(cand[None], item[None], N_ITEMS)
         step = forward(core, loss_and_grad("top1"), item, h, c, cand, valid, None, None, distinct)
         backward(core, step[2])
         runs.append(dense_grads(core))

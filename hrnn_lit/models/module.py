@@ -209,22 +209,15 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
                 ).to(inp.device)
             samples = self._sampler.draw((T, n_sample))
         cand = tgt if n_sample == 0 else torch.cat([tgt, samples], dim=1)  # [T, B + S]
-        n = self.core.out_w.num_embeddings
-        (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (
-            update.chunk_unique(v, n) for v in (cand, inp)
-        )
+        distinct = update.chunk_distinct(cand, inp, self.core.out_w.num_embeddings)
         losses = torch.zeros(T, device=inp.device)
         for t in range(T):
             h, c, start = update.start_step(self.core, batch, t, h, c)
             for p in params:  # = opt.zero_grad(set_to_none=True)
                 p.grad = None
-            distinct = (
-                (c_val[c_off[t] : c_off[t + 1]], c_inv[t]),
-                (i_val[i_off[t] : i_off[t + 1]], i_inv[t]),
-            )
             h, loss, cache = update.forward(
                 self.core, self.loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
-                distinct,
+                distinct[t],
             )  # fmt: skip
             update.backward(self.core, cache)
             if self._world_size > 1:  # data-parallel: average gradients over ranks

@@ -63,6 +63,18 @@ def chunk_unique(x: Tensor, n: int) -> tuple[Tensor, Tensor, list[int]]:
     return keys - row * n, inverse - starts[:-1, None], starts.tolist()
 
 
+def chunk_distinct(
+    candidates: Tensor, items: Tensor, n: int
+) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+    """``forward``'s ``distinct`` for every time step of a chunk: candidates [T, N] and
+    input items [T, B] (values in [0, n)) through ``chunk_unique``, one call each."""
+    (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (chunk_unique(v, n) for v in (candidates, items))
+    return [
+        ((c_val[c_off[t] : c_off[t + 1]], c_inv[t]), (i_val[i_off[t] : i_off[t + 1]], i_inv[t]))
+        for t in range(candidates.shape[0])
+    ]
+
+
 def _dropout_mask(module: torch.nn.Dropout, like: Tensor) -> Tensor | None:
     """nn.Dropout's mask (scaled by 1 / (1 - p)) from the same draws: equal masks for equal
     RNG states; None where it would draw nothing (p = 0 or evaluation)."""
