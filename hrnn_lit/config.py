@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
 from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS, RESETS
+from hrnn_lit.models.graph_step import graph_support
 from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.module import OPTIMIZERS
 
@@ -112,3 +113,15 @@ def validate_rnn(cfg: DictConfig) -> None:
     _float(cfg, "model.bpreg", 0.0)
     for key in ("dropout_session", "dropout_user", "dropout_init"):
         _float(cfg, f"model.{key}", 0.0, 0.999)
+    graph = OmegaConf.select(cfg, "model.cuda_graph", default=False)
+    if not isinstance(graph, bool):
+        raise ConfigError(f"model.cuda_graph must be true or false, got {graph!r}")
+    if graph:
+        m = cfg.model
+        why = graph_support(m.loss, m.optimizer, m.momentum, m.clip_grad_norm)
+        if why is None and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
+            why = "needs a CUDA device (trainer=gpu), got trainer.accelerator=cpu"
+        if why is None and _get(cfg, "trainer.devices") != 1:
+            why = f"needs one device (trainer.devices=1), got {cfg.trainer.devices}"
+        if why is not None:
+            raise ConfigError(f"model.cuda_graph=true: {why}")

@@ -19,13 +19,14 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from hrnn_lit import distributed
-from hrnn_lit.errors import NumericalError
+from hrnn_lit.errors import ConfigError, NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.hooks import RankingEvalHooks
 from hrnn_lit.evaluation.ranking import catalogue_ranks
 from hrnn_lit.evaluation.replay import replay_scored
 from hrnn_lit.models import update
 from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_support
 from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.models.sampling import PopularitySampler
@@ -77,6 +78,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         ks: list[int] | tuple[int, ...] = (5, 10, 20),
         ties: str = "conservative",
         eval_block: int = 1024,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["item_counts"])
@@ -98,6 +100,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         counts = np.ones(n_items, np.int64) if item_counts is None else np.asarray(item_counts)
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
+        self._graph: GraphStep | None = None
         self._train_state: tuple[Tensor, Tensor] | None = None
         self._last_finite: tuple[int, Tensor] | None = None
         self._eval_state: tuple[Tensor, Tensor] | None = None
@@ -128,6 +131,24 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
                 "products (AVX512-BF16/AMX): they are emulated, slower than float32"
             )
 
+    def on_train_start(self) -> None:
+        self._graph = None  # parameters or optimiser state may be new tensors (a resume)
+        if self.hparams.cuda_graph:
+            why = self._graph_blocker()
+            if why is not None:
+                raise ConfigError(f"model.cuda_graph=true: {why}")
+
+    def _graph_blocker(self) -> str | None:
+        """Why this run's update cannot be a CUDA graph (None: it can)."""
+        if self.device.type != "cuda":
+            return f"needs a CUDA device (trainer=gpu), the model is on {self.device.type}"
+        if self._world_size > 1:
+            return "needs one device (trainer.devices=1)"
+        if self._progress_hooks() is None:
+            return "needs trainer.precision 32-true or bf16-mixed on a single device"
+        hp = self.hparams
+        return graph_support(hp.loss, hp.optimizer, hp.momentum, hp.clip_grad_norm)
+
     def on_train_epoch_start(self) -> None:
         self._train_state = None
 
@@ -151,12 +172,9 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         if extra["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(extra["cuda_rng"])
 
-    def _optimizer_step(self):
-        """The per-update ``opt.step()``. On one device at float32 or bf16-mixed, Lightning's
-        strategy -> precision -> callback dispatch around it is skipped (about 0.2 ms, 15%
-        of a B=50 step; per-step ``on_before_optimizer_step`` hooks are not called): the raw
-        optimizer steps between the LightningOptimizer's own progress hooks, so
-        ``global_step`` still counts every update. Elsewhere: ``opt.step()``."""
+    def _progress_hooks(self):
+        """(before, after): the LightningOptimizer's own progress hooks around a raw
+        optimizer step, on one device at float32 or bf16-mixed; None elsewhere."""
         opt = self.optimizers()
         before = getattr(opt, "_on_before_step", None)
         after = getattr(opt, "_on_after_step", None)
@@ -168,8 +186,19 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             and (type(plugin) is Precision or _bf16_mixed(plugin))
             and isinstance(trainer.strategy, SingleDeviceStrategy)
         )
-        if not plain:
+        return (before, after) if plain else None
+
+    def _optimizer_step(self):
+        """The per-update ``opt.step()``. On one device at float32 or bf16-mixed, Lightning's
+        strategy -> precision -> callback dispatch around it is skipped (about 0.2 ms, 15%
+        of a B=50 step; per-step ``on_before_optimizer_step`` hooks are not called): the raw
+        optimizer steps between the LightningOptimizer's own progress hooks, so
+        ``global_step`` still counts every update. Elsewhere: ``opt.step()``."""
+        opt = self.optimizers()
+        hooks = self._progress_hooks()
+        if hooks is None:
             return opt.step
+        before, after = hooks
         raw = opt.optimizer
 
         def step() -> None:
@@ -194,11 +223,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             self._training_step(batch, batch_idx)
 
     def _training_step(self, batch: dict, batch_idx: int) -> None:
-        step = self._optimizer_step()
-        mm_dtype = self._mm_dtype
-        clip = self.hparams.clip_grad_norm
-        params = list(self.parameters())
-        inp, tgt, valid = batch["input"], batch["target"], batch["valid"]
+        inp, tgt = batch["input"], batch["target"]
         T, B = inp.shape
         h, c = self._train_state or self.core.initial_state(B, inp.device)
         n_sample = self.hparams.n_sample
@@ -209,9 +234,49 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
                 ).to(inp.device)
             samples = self._sampler.draw((T, n_sample))
         cand = tgt if n_sample == 0 else torch.cat([tgt, samples], dim=1)  # [T, B + S]
-        distinct = update.chunk_distinct(cand, inp, self.core.out_w.num_embeddings)
         losses = torch.zeros(T, device=inp.device)
-        for t in range(T):
+        if self.hparams.cuda_graph:
+            h, c = self._graph_chunk(batch, cand, h, c, losses)
+        else:
+            h, c = self._eager_chunk(batch, cand, h, c, losses)
+        self._check_finite(losses, batch_idx)  # one host sync per chunk, not per step
+        self._train_state = (h, c)
+        self.log(
+            "train/loss",
+            losses.mean(),
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch["n_events"],
+        )
+
+    def _graph_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
+        """The chunk's updates as replays of one captured CUDA graph (``GraphStep``)."""
+        B, N = batch["input"].shape[1], cand.shape[1]
+        gs = self._graph
+        if gs is None or (gs.B, gs.N) != (B, N):
+            gs = self._graph = GraphStep(
+                self.core, self.loss_grad, self.optimizers().optimizer, B, N, h.device,
+                self._mm_dtype,
+            )  # fmt: skip
+        ids, flags = chunk_inputs(batch, cand)
+        gs.set_state(h, c)
+        before, after = self._progress_hooks()
+        for t in range(ids.shape[0]):
+            before()
+            losses[t] = gs.step(ids[t], flags[t])
+            after()
+        return gs.state()
+
+    def _eager_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
+        step = self._optimizer_step()
+        mm_dtype = self._mm_dtype
+        clip = self.hparams.clip_grad_norm
+        params = list(self.parameters())
+        inp, valid = batch["input"], batch["valid"]
+        B, n_sample = inp.shape[1], cand.shape[1] - inp.shape[1]
+        distinct = update.chunk_distinct(cand, inp, self.core.out_w.num_embeddings)
+        for t in range(inp.shape[0]):
             h, c, start = update.start_step(self.core, batch, t, h, c)
             for p in params:  # = opt.zero_grad(set_to_none=True)
                 p.grad = None
@@ -226,16 +291,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
                 clip_grad_norm_(params, clip)
             step()
             losses[t] = loss
-        self._check_finite(losses, batch_idx)  # one host sync per chunk, not per step
-        self._train_state = (h, c)
-        self.log(
-            "train/loss",
-            losses.mean(),
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch["n_events"],
-        )
+        return h, c
 
     def _start_sessions(self, batch: dict, t: int, h: Tensor, c: Tensor):
         lo, hi = batch["next_session_offsets"][t], batch["next_session_offsets"][t + 1]

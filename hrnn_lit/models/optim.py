@@ -122,8 +122,30 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             p.index_copy_(0, idx, ps[k])
             acc.index_copy_(0, idx, accs[k])
 
-    def _update(self, p: Tensor, group: dict) -> None:
-        idx, g = _rows(p.grad)
+    def supports_apply(self) -> bool:
+        """Whether ``apply`` can update every parameter (plain Adagrad, any weight decay):
+        its updates are in-place kernels on fixed tensors, with no host-side state."""
+        return all(g["kind"] == "adagrad" and not g["momentum"] for g in self.param_groups)
+
+    @torch.no_grad()
+    def apply(self, grads: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]]) -> None:
+        """The step for gradients given directly, not as ``.grad`` (a CUDA-graph step):
+        (parameter, rows or None, gradient, mask or None). Rows may repeat where their
+        gradient rows are zero (padding); ``mask`` (0/1, broadcast over the gradient)
+        multiplies it after weight decay, so that padding and parameters the step did not
+        use do not decay. Needs ``supports_apply()``; state is created on first use, so run
+        it once before capturing it in a CUDA graph."""
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        for p, idx, g, mask in grads:
+            self._update(p, groups[p], idx, g, mask)
+
+    def _update(
+        self, p: Tensor, group: dict, idx: Tensor | None = None, g: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """One parameter's update from (idx, g) or, when g is None, from ``p.grad``."""
+        if g is None:
+            idx, g = _rows(p.grad)
         state = self.state[p]
         if not state:
             self._init_state(state, p, group)
@@ -131,6 +153,8 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         if idx is None:  # dense: in place, no full-size temporaries beyond one
             if wd:
                 g = g.add(p, alpha=wd)
+                if mask is not None:
+                    g = g.mul_(mask)
             if group["kind"] == "adagrad":
                 acc = state["acc"].addcmul_(g, g)
                 denom = acc.sqrt().add_(eps)
@@ -150,6 +174,8 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         # row-sparse (one row per touched item): only those rows are read and written
         if wd:
             g = g + wd * p.index_select(0, idx)
+            if mask is not None:
+                g = g.mul_(mask)
         if group["kind"] == "adagrad":
             state["acc"].index_add_(0, idx, g * g)
             update = g / state["acc"].index_select(0, idx).sqrt_().add_(eps)

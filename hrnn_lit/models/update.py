@@ -39,13 +39,11 @@ def _act_derivative(name: str, y: Tensor) -> Tensor | None:
     raise ValueError(f"unknown final activation {name!r}")
 
 
-def _rows_grad(shape: torch.Size, uniq: Tensor, inv: Tensor, per_occurrence: Tensor) -> Tensor:
-    """Coalesced sparse gradient of a [n_items, D] table: rows of repeated items summed."""
+def _row_sums(uniq: Tensor, inv: Tensor, per_occurrence: Tensor) -> Tensor:
+    """Gradient rows [M, D] of a table's distinct items uniq [M] from per-occurrence rows:
+    rows of repeated items summed (inv: each occurrence's index into uniq)."""
     rows = per_occurrence.new_zeros(uniq.numel(), per_occurrence.shape[1])
-    rows.index_add_(0, inv, per_occurrence)
-    return torch.sparse_coo_tensor(
-        uniq[None], rows, shape, is_coalesced=True, check_invariants=False
-    )
+    return rows.index_add_(0, inv, per_occurrence)
 
 
 def chunk_unique(x: Tensor, n: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -157,7 +155,7 @@ def start_step(
     return start_sessions(core, h, c, ss, us, batch["next_session_rows"][lo:hi])
 
 
-def _user_level_backward(core: RecurrentCore, st: dict, dh: Tensor, dc: Tensor | None):
+def _user_level_gradients(core: RecurrentCore, st: dict, dh: Tensor, dc: Tensor | None):
     """Gradients of the user GRU and the init projection from those of the step's starting
     states, d h [B, H] and d c [B, U] (None: c was not used by the step)."""
     rows = st["rows"]
@@ -166,8 +164,7 @@ def _user_level_backward(core: RecurrentCore, st: dict, dh: Tensor, dc: Tensor |
         dh0.mul_(st["mask_init"])
     d_act = _act_derivative(core.init_act_name, st["h0"])
     da = dh0 if d_act is None else dh0.mul_(d_act)  # d (W_init c + b_init)
-    core.w_init.weight.grad = da.T @ st["c_rows"]
-    core.w_init.bias.grad = da.sum(0)
+    grads = [(core.w_init.weight, None, da.T @ st["c_rows"]), (core.w_init.bias, None, da.sum(0))]
     dc_rows = da @ core.w_init.weight  # [R, U]
     if dc is not None:
         dc_rows.add_(dc[rows])
@@ -175,10 +172,12 @@ def _user_level_backward(core: RecurrentCore, st: dict, dh: Tensor, dc: Tensor |
         dc_rows.mul_(st["mask_user"])
     dgi, dgh = _gru_backward(dc_rows, st["gru"])
     gru = core.user_gru
-    gru.weight_ih.grad = dgi.T @ st["x"]
-    gru.bias_ih.grad = dgi.sum(0)
-    gru.weight_hh.grad = dgh.T @ st["gru"]["h_prev"]
-    gru.bias_hh.grad = dgh.sum(0)
+    return grads + [
+        (gru.weight_ih, None, dgi.T @ st["x"]),
+        (gru.bias_ih, None, dgi.sum(0)),
+        (gru.weight_hh, None, dgh.T @ st["gru"]["h_prev"]),
+        (gru.bias_hh, None, dgh.sum(0)),
+    ]
 
 
 @torch.no_grad()
@@ -238,9 +237,14 @@ def forward(
     return h_new, loss, cache
 
 
+Grad = tuple[torch.nn.Parameter, Tensor | None, Tensor]
+
+
 @torch.no_grad()
-def backward(core: RecurrentCore, cache: dict) -> None:
-    """Set ``.grad`` of every parameter the step touched (they must be None before)."""
+def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
+    """The gradient of every parameter the step touched, as (parameter, None, dense
+    gradient) or, for an item table, (parameter, rows [M], gradient rows [M, D]): one row per
+    distinct item of the step (``distinct``'s values; padded ones get zero rows)."""
     H = core.hidden_size
     ds, r, c, gru, start = cache["ds"], cache["r"], cache["c"], cache["gru"], cache["start"]
 
@@ -259,25 +263,29 @@ def backward(core: RecurrentCore, cache: dict) -> None:
         return a @ b if lp is None else (a @ b.to(lp)).to(ds.dtype)
 
     g_w = mm(ds_lp.T, cache["h_out"] * r)  # [N, H]
-    core.out_w.weight.grad = _rows_grad(core.out_w.weight.shape, uniq, inv, g_w)
-    core.out_b.weight.grad = _rows_grad(core.out_b.weight.shape, uniq, inv, db)
+    grads = [
+        (core.out_w.weight, uniq, _row_sums(uniq, inv, g_w)),
+        (core.out_b.weight, uniq, _row_sums(uniq, inv, db)),
+    ]
     dh = mm(ds_lp, cache["w_out"]).mul_(r)  # [B, H]
     dc = None
     if core.user_to_output:
         g_u = mm(ds_lp.T, c * r)  # [N, U]
-        core.out_u.weight.grad = _rows_grad(core.out_u.weight.shape, uniq, inv, g_u)
+        grads.append((core.out_u.weight, uniq, _row_sums(uniq, inv, g_u)))
         dc = mm(ds_lp, cache["u_out"]).mul_(r)  # [B, U]
     if cache["mask"] is not None:
         dh.mul_(cache["mask"])
 
     # ---- session GRU
     da, dgh = _gru_backward(dh, gru)  # [B, 3H] each
-    core.item_in.weight.grad = _rows_grad(core.item_in.weight.shape, in_uniq, in_inv, da)
-    core.bias_in.grad = da.sum(0)
-    core.w_h.weight.grad = dgh.T @ gru["h_prev"]
-    core.w_h.bias.grad = dgh.sum(0)
+    grads += [
+        (core.item_in.weight, in_uniq, _row_sums(in_uniq, in_inv, da)),
+        (core.bias_in, None, da.sum(0)),
+        (core.w_h.weight, None, dgh.T @ gru["h_prev"]),
+        (core.w_h.bias, None, dgh.sum(0)),
+    ]
     if core.user_propagation == "all":
-        core.w_c.weight.grad = da[:, : 2 * H].T @ c
+        grads.append((core.w_c.weight, None, da[:, : 2 * H].T @ c))
         if start is not None:
             dc_all = da[:, : 2 * H] @ core.w_c.weight
             dc = dc_all if dc is None else dc.add_(dc_all)
@@ -285,4 +293,17 @@ def backward(core: RecurrentCore, cache: dict) -> None:
     # ---- the user level, where this step started sessions
     if start is not None:
         dh_prev = torch.addmm(dh * gru["z"], dgh, core.w_h.weight)  # d h_prev [B, H]
-        _user_level_backward(core, start, dh_prev, dc)
+        grads += _user_level_gradients(core, start, dh_prev, dc)
+    return grads
+
+
+@torch.no_grad()
+def backward(core: RecurrentCore, cache: dict) -> None:
+    """Set ``.grad`` of every parameter the step touched (they must be None before): an
+    item table's as a coalesced row-sparse tensor."""
+    for p, rows, g in gradients(core, cache):
+        if rows is not None:
+            g = torch.sparse_coo_tensor(
+                rows[None], g, p.shape, is_coalesced=True, check_invariants=False
+            )
+        p.grad = g
