@@ -321,6 +321,7 @@ def run_ours(job: Job, evaluate: bool, warmup: int | None = None) -> dict:
         sample_alpha=s.sample_alpha,
         optimizer="adagrad",
         lr=LR,
+        cuda_graph=args.cuda_graph,
         **model_kwargs(s, model),
     )
     device = torch.device(args.device)
@@ -386,14 +387,17 @@ def _epoch_loader(dm, epoch: int):
     return DataLoader(PlanDataset(dm.fit_steps, plan, dm.steps_per_batch), batch_size=None)
 
 
-def run_plain(job: Job, sync_phases: bool = False) -> dict:
+def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) -> dict:
     """The same training in a bare loop (what RecurrentRecommender.training_step does, with
-    no Lightning), timed per phase. ``sync_phases`` synchronises CUDA between phases."""
+    no Lightning), timed per phase. ``sync_phases`` synchronises CUDA between phases.
+    ``graph`` (default ``--cuda-graph``): each update a replay of one CUDA graph, timed as
+    forward."""
     s, model, dm, n_items, counts, args, chunks, epochs = job
     import torch
 
     from hrnn_lit.models import update
     from hrnn_lit.models.core import RecurrentCore
+    from hrnn_lit.models.graph_step import GraphStep, chunk_inputs
     from hrnn_lit.models.losses import loss_and_grad
     from hrnn_lit.models.optim import SparseRowOptimizer
     from hrnn_lit.models.sampling import PopularitySampler
@@ -408,6 +412,11 @@ def run_plain(job: Job, sync_phases: bool = False) -> dict:
         sampler = PopularitySampler(counts, s.sample_alpha).to(device)
     params = list(core.parameters())
     opt = SparseRowOptimizer(params, kind="adagrad", lr=LR)
+    graph = args.cuda_graph if graph is None else graph
+    gs = None
+    if graph:
+        B = dm.batch_size
+        gs = GraphStep(core, loss_grad, opt, B, B + s.n_sample, device, mm_dtype)
     sync = (lambda: torch.cuda.synchronize()) if sync_phases else (lambda: None)
     pc = time.perf_counter
     ph = dict.fromkeys(PHASES, 0.0)
@@ -441,11 +450,18 @@ def run_plain(job: Job, sync_phases: bool = False) -> dict:
             h, c = state or core.initial_state(Bn, inp.device)
             samples = sampler.draw((T, s.n_sample)) if sampler is not None else None
             cand = tgt if samples is None else torch.cat([tgt, samples], dim=1)
-            distinct = update.chunk_distinct(cand, inp, n_items)
             losses = torch.zeros(T, device=device)
+            if gs is not None:  # = RecurrentRecommender._graph_chunk
+                ids, flags = chunk_inputs(batch, cand)
+                gs.set_state(h, c)
+                for t in range(T):
+                    losses[t] = gs.step(ids[t], flags[t])
+                h, c = gs.state()
+            else:
+                distinct = update.chunk_distinct(cand, inp, n_items)
             sync()
             t_fwd += pc() - a
-            for t in range(T):
+            for t in range(T if gs is None else 0):  # the eager updates
                 p0 = pc()
                 h, c, start = update.start_step(core, batch, t, h, c)
                 for p in params:  # = opt.zero_grad(set_to_none=True)
@@ -554,7 +570,7 @@ def bench_train(name: str, cfg: Config, args) -> dict:
     if not with_ref:
         runs["ref"] = runs["plain"]
     if args.device == "cuda":  # the timed runs had no syncs: split phases in one more pass
-        profile = [run_plain(main, True)]
+        profile = [run_plain(main, True, graph=False)]  # (a graph has no phases)
     else:
         profile = runs["plain"]
     us, share = _phase_summary(profile)
@@ -710,6 +726,8 @@ def run_child(names: list[str], args) -> dict:
             "--threads",
             str(args.threads),
         ]
+        if args.cuda_graph:
+            cmd.append("--cuda-graph")
         if args.chunks:
             cmd += ["--chunks", str(args.chunks)]
         if args.quick:
@@ -841,7 +859,9 @@ def _f(v, fmt: str = ",.0f") -> str:
 def format_report(result: dict) -> str:
     meta, res, ratios = result["meta"], result["configs"], result["ratios"]
     lines = [
-        f"hrnn_lit bench: device {meta['device']}, {meta['cpus']} CPUs, torch threads "
+        f"hrnn_lit bench: device {meta['device']}"
+        f"{' (CUDA graph updates)' if meta.get('cuda_graph') else ''}, {meta['cpus']} CPUs, "
+        f"torch threads "
         f"{meta['threads']}, medians of {meta['repeats']} repeats x {meta['epochs']} epochs "
         f"(warm-up {meta['warmup']} chunk), torch {meta['torch']}, lightning "
         f"{meta['lightning']}{', QUICK sizes' if meta['quick'] else ''}",
@@ -951,6 +971,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="model.cuda_graph=true: each update one replay of a captured CUDA graph (ours "
+        "and plain; needs --device cuda)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -960,6 +986,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=Path("bench.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # worker: comma-separated configs
     args = ap.parse_args(argv)
+    if args.cuda_graph and args.device != "cuda":
+        ap.error("--cuda-graph needs --device cuda")
     if args.quick:
         if "--repeats" not in (argv if argv is not None else sys.argv):
             args.repeats = 1
@@ -991,6 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "device": args.device,
+            "cuda_graph": args.cuda_graph,
             "cpus": len(os.sched_getaffinity(0)),
             "cpu_model": platform.processor() or platform.machine(),
             "threads": args.threads,

@@ -16,7 +16,8 @@ The updates equal the eager step's up to float summation order (tests/test_graph
 runs this step without capture on CPU against ``update``), except that dropout on the user
 level draws masks for all B slots, so its random stream differs from the eager step's.
 Supported: plain Adagrad (any weight decay), the cross-entropy and TOP1 losses, one device,
-no gradient clipping; ``graph_support`` names what stands in the way otherwise.
+no gradient clipping; ``graph_support`` names what stands in the way otherwise. The
+learning rate and weight decay are read when the graph is captured.
 """
 
 from __future__ import annotations
