@@ -23,14 +23,14 @@ from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.models.optim import SparseRowOptimizer
 from tests.conftest import compose_cfg
+from tests.test_update import VARIANTS as UPDATE_VARIANTS
 
 CUDA = torch.cuda.is_available()
-VARIANTS = {
-    "session_rnn": dict(user_propagation="none"),
-    "rnn_concat": dict(user_propagation="none", reset_at="user"),
-    "hrnn_init": dict(user_propagation="init"),
-    "hrnn_all": dict(user_propagation="all"),
-    "hrnn_init_output": dict(user_propagation="init", user_to_output=True),
+VARIANTS = {  # those of the hand-written step's tests, and one with everything on
+    **{
+        k: UPDATE_VARIANTS[k]
+        for k in ("session_rnn", "rnn_concat", "hrnn_init", "hrnn_all", "hrnn_init_output")
+    },
     "hrnn_all_output_relu": dict(
         user_propagation="all", user_to_output=True, user_to_session_act="relu"
     ),
