@@ -3,7 +3,9 @@
 One Lightning batch is a chunk of T time steps of the user-parallel plan ([T, B] tensors).
 Each time step is one optimiser update (no back-propagation through time, DESIGN §2), its
 forward and backward written by hand in ``models/update.py``: hidden states are carried
-from step to step without gradients, and across chunks on the module.
+from step to step without gradients, and across chunks on the module. With
+``cuda_graph=True`` (one GPU) each update is a replay of one captured CUDA graph of the same
+step (``models/graph_step.py``).
 Evaluation replays each user's history, then ranks every scored target against the whole
 catalogue; scored rows of a chunk are ranked together in blocks.
 """
