@@ -5,7 +5,9 @@ Each time step is one optimiser update (no back-propagation through time, DESIGN
 forward and backward written by hand in ``models/update.py``: hidden states are carried
 from step to step without gradients, and across chunks on the module. With
 ``cuda_graph=True`` (one GPU) each update is a replay of one captured CUDA graph of the same
-step (``models/graph_step.py``).
+step (``models/graph_step.py``). On CPU (one process, 2+ threads, ``cpu_overlap=True``) the
+output tables' update of each step runs on a worker thread while the rest of the step goes
+on (``models/overlap.py``).
 Evaluation replays each user's history, then ranks every scored target against the whole
 catalogue; scored rows of a chunk are ranked together in blocks.
 """
@@ -26,11 +28,12 @@ from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.hooks import RankingEvalHooks
 from hrnn_lit.evaluation.ranking import catalogue_ranks
 from hrnn_lit.evaluation.replay import replay_scored
-from hrnn_lit.models import update
+from hrnn_lit.models import overlap, update
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_support
 from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
+from hrnn_lit.models.overlap import Worker, overlap_blocker
 from hrnn_lit.models.sampling import PopularitySampler
 
 OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
@@ -81,6 +84,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         ties: str = "conservative",
         eval_block: int = 1024,
         cuda_graph: bool = False,
+        cpu_overlap: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["item_counts"])
@@ -103,6 +107,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
         self._graph: GraphStep | None = None
+        self._worker: Worker | None = None
         self._train_state: tuple[Tensor, Tensor] | None = None
         self._last_finite: tuple[int, Tensor] | None = None
         self._eval_state: tuple[Tensor, Tensor] | None = None
@@ -270,7 +275,38 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             after()
         return gs.state()
 
+    def _overlap_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
+        """The chunk's updates with each step's output side on a worker thread
+        (``overlap.train_chunk``): same values as ``_eager_chunk``."""
+        if self._worker is None:
+            self._worker = Worker()
+        return overlap.train_chunk(
+            self.core, self.loss_grad, self.optimizers().optimizer, batch, cand, h, c, losses,
+            self._worker, self._mm_dtype, self._progress_hooks(),
+        )  # fmt: skip
+
+    def _can_overlap(self) -> bool:
+        hp = self.hparams
+        return (
+            hp.cpu_overlap
+            and self._progress_hooks() is not None
+            and overlap_blocker(self.device, self._world_size, hp.clip_grad_norm) is None
+        )
+
+    def on_train_end(self) -> None:
+        self._close_worker()
+
+    def teardown(self, stage: str) -> None:  # also after a failed fit
+        self._close_worker()
+
+    def _close_worker(self) -> None:
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.close()
+
     def _eager_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
+        if self._can_overlap():
+            return self._overlap_chunk(batch, cand, h, c, losses)
         step = self._optimizer_step()
         mm_dtype = self._mm_dtype
         clip = self.hparams.clip_grad_norm

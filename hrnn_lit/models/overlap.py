@@ -1,0 +1,158 @@
+"""Training on CPU with two threads per step: the output tables' update overlaps the rest.
+
+Once a step's score gradient ds is known, the rest of the update splits into two parts
+that read ``forward``'s results and write disjoint parameters:
+
+- output side (``update.output_gradients``): the gradient rows of out_w / out_b (/ out_u),
+  a [N, B] x [B, H] product, and their Adagrad/Adam update: random-row reads and writes of
+  the output tables and their optimiser state;
+- recurrent side (``update.recurrent_gradients``): ds's gradient to the states, back
+  through the session and user GRUs, and their update; then the next step's session
+  starts and input-side GRU step (``update.forward_input``), which read no output table.
+
+A worker thread runs the output side while the calling thread runs the recurrent side; the
+next step's scores wait for the worker. Each side does the operations of the sequential
+step on the same values and the worker draws no random numbers, so the results equal
+``update.forward`` / ``update.backward`` / ``opt.step()`` run at the same intra-op thread
+count (tests/test_overlap.py). The two sides run with half the torch threads each and the
+scores and loss with all of them. On a shared machine this also keeps a step from waiting
+at every small op for a second OpenMP thread whose core is busy elsewhere.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from hrnn_lit.models import update
+from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.models.optim import SparseRowOptimizer
+
+
+def overlap_blocker(device: torch.device, world_size: int, clip: float) -> str | None:
+    """Why a run's updates cannot overlap (None: they can)."""
+    if device.type != "cpu":
+        return f"runs on CPU only, the model is on {device.type}"
+    if world_size > 1:
+        return "needs one process: data-parallel averages every gradient before the update"
+    if clip > 0:
+        return "needs no clipping: the joint norm needs every gradient before the update"
+    if torch.get_num_threads() < 2:
+        return "needs 2 or more torch threads (num_threads)"
+    return None
+
+
+class Worker:
+    """One daemon thread running one job at a time; ``wait`` returns when the job has
+    finished and re-raises its exception."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = False
+        self._thread = threading.Thread(target=self._run, name="hrnn-overlap", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+                self._done.put(None)
+            except BaseException as err:  # handed to the waiting thread
+                self._done.put(err)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._pending:
+            raise RuntimeError("Worker.submit: the previous job was not waited for")
+        self._pending = True
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        err = self._done.get()
+        if err is not None:
+            raise err
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self.wait()
+            finally:
+                self._jobs.put(None)
+                self._thread.join()
+
+
+def output_params(core: RecurrentCore) -> list[torch.nn.Parameter]:
+    """The parameters the output side updates."""
+    out = [core.out_w.weight, core.out_b.weight]
+    return out + ([core.out_u.weight] if core.user_to_output else [])
+
+
+def _output_update(
+    core: RecurrentCore, opt: SparseRowOptimizer, cache: dict, params: list[Tensor]
+) -> None:
+    update.set_grads(update.output_gradients(core, cache))
+    opt.step_params(params)
+
+
+def train_chunk(
+    core: RecurrentCore,
+    loss_grad: update.LossGrad,
+    opt: SparseRowOptimizer,
+    batch: dict,
+    cand: Tensor,
+    h: Tensor,
+    c: Tensor,
+    losses: Tensor,
+    worker: Worker,
+    mm_dtype: torch.dtype | None = None,
+    hooks: tuple[Callable[[], None], Callable[[], None]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The chunk's updates (one per time step, as ``RecurrentRecommender``'s eager loop),
+    each step's output side on ``worker``. Writes each step's loss to ``losses`` [T];
+    returns the final (h, c). ``hooks``: (before, after) called around every update."""
+    inp, valid = batch["input"], batch["valid"]
+    T = inp.shape[0]
+    distinct = update.chunk_distinct(cand, inp, core.out_w.num_embeddings)
+    out = output_params(core)
+    rest = [p for p in core.parameters() if all(p is not q for q in out)]
+    params = out + rest
+    threads = torch.get_num_threads()
+    half = max(1, threads // 2)
+    try:
+        h, c, start = update.start_step(core, batch, 0, h, c)
+        inputs = update.forward_input(core, inp[0], h, c)
+        for t in range(T):
+            worker.wait()  # step t - 1's output tables
+            torch.set_num_threads(threads)
+            if hooks is not None:
+                hooks[0]()
+            for p in params:  # = opt.zero_grad(set_to_none=True)
+                p.grad = None
+            h, loss, cache = update.forward(
+                core, loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
+                distinct[t], inputs,
+            )  # fmt: skip
+            torch.set_num_threads(half)
+            worker.submit(lambda cache=cache: _output_update(core, opt, cache, out))
+            update.set_grads(update.recurrent_gradients(core, cache))
+            opt.step_params(rest)
+            losses[t] = loss
+            if hooks is not None:
+                hooks[1]()
+            if t + 1 < T:
+                h, c, start = update.start_step(core, batch, t + 1, h, c)
+                inputs = update.forward_input(core, inp[t + 1], h, c)
+        worker.wait()
+    finally:
+        try:
+            worker.wait()  # never leave the worker writing weights behind an error
+        finally:
+            torch.set_num_threads(threads)
+    return h, c
