@@ -161,7 +161,7 @@ def _fit(monkeypatch, **kw):
 
 def test_module_overlaps_on_cpu_and_trains_like_the_sequential_path(two_threads, monkeypatch):
     seq, t_s, n_s = _fit(monkeypatch, cpu_overlap=False)
-    ovl, t_o, n_o = _fit(monkeypatch)
+    ovl, t_o, n_o = _fit(monkeypatch, cpu_overlap=True)
     assert n_s == 0 and n_o == t_o.num_training_batches * 2
     assert t_o.global_step == t_s.global_step > 100  # every update counted
     loss_s = float(t_s.callback_metrics["train/loss_epoch"])
@@ -170,13 +170,60 @@ def test_module_overlaps_on_cpu_and_trains_like_the_sequential_path(two_threads,
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
+def test_module_auto_runs_both_ways_and_trains_like_the_sequential_path(two_threads,
+                                                                       monkeypatch):  # fmt: skip
+    chosen = []
+    real_init = overlap.Chooser.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, probe_every=3)
+        chosen.append(self)
+
+    monkeypatch.setattr(overlap.Chooser, "__init__", init)
+    seq, t_s, _ = _fit(monkeypatch, cpu_overlap=False)
+    auto, t_a, n_a = _fit(monkeypatch)  # cpu_overlap="auto", the default
+    n_chunks = t_a.num_training_batches * 2
+    assert len(chosen) == 1 and chosen[0].chunks[True] == n_a
+    assert 0 < n_a < n_chunks and chosen[0].chunks[False] == n_chunks - n_a
+    assert t_a.global_step == t_s.global_step
+    for a, b in zip(auto.parameters(), seq.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_chooser_picks_the_faster_way_and_probes_the_other():
+    ch = overlap.Chooser(window=3, probe_every=4)
+    picks = []
+
+    def run(n, seconds):  # seconds per step of (sequential, overlapped)
+        for _ in range(n):
+            way = ch.next()
+            picks.append(way)
+            ch.record(way, seconds[way])
+
+    T, F = True, False
+    run(3, {F: 1.0, T: 2.0})  # warm-up (untimed), then one chunk each way
+    assert picks == [T, F, T]
+    run(9, {F: 1.0, T: 2.0})  # sequential faster: it runs, the overlap is probed every 4th
+    assert picks[3:] == [F, T, F, F, F, T, F, F, F]
+    # the machine got busy: the sequential chunks slow down, and once the median of the
+    # last 3 says so the overlap runs, the sequential way probed every 4th
+    run(12, {F: 3.0, T: 2.0})
+    assert picks[12:] == [T, F, F, T, F, T, T, T, F, T, T, T]
+    assert ch.chunks[True] + ch.chunks[False] == 24
+    assert ch.overlap_share() == ch.chunks[True] / 24
+
+
 def test_module_steps_sequentially_where_the_overlap_cannot_run(two_threads, monkeypatch):
-    assert _fit(monkeypatch, clip_grad_norm=5.0)[2] == 0
+    assert _fit(monkeypatch, clip_grad_norm=5.0, cpu_overlap=True)[2] == 0
     torch.set_num_threads(1)
-    assert _fit(monkeypatch)[2] == 0
+    assert _fit(monkeypatch, cpu_overlap=True)[2] == 0
+
+
+@pytest.mark.parametrize("value", ["true", "false", "auto"])
+def test_config_accepts_cpu_overlap(tmp_path, value):
+    validate(compose_cfg([f"model.cpu_overlap={value}"], tmp_path))
 
 
 def test_config_check_of_cpu_overlap(tmp_path):
-    validate(compose_cfg(["model.cpu_overlap=false"], tmp_path))
-    with pytest.raises(ConfigError, match="model.cpu_overlap must be true or false"):
+    with pytest.raises(ConfigError, match="model.cpu_overlap must be true, false or auto"):
         validate(compose_cfg(["model.cpu_overlap=2"], tmp_path))

@@ -5,14 +5,17 @@ Each time step is one optimiser update (no back-propagation through time, DESIGN
 forward and backward written by hand in ``models/update.py``: hidden states are carried
 from step to step without gradients, and across chunks on the module. With
 ``cuda_graph=True`` (one GPU) each update is a replay of one captured CUDA graph of the same
-step (``models/graph_step.py``). On CPU (one process, 2+ threads, ``cpu_overlap=True``) the
-output tables' update of each step runs on a worker thread while the rest of the step goes
-on (``models/overlap.py``).
+step (``models/graph_step.py``). On CPU (one process, 2+ threads) the output tables' update
+of each step can run on a worker thread while the rest of the step goes on
+(``models/overlap.py``): ``cpu_overlap`` true, false, or "auto" (per chunk, whichever has
+been faster lately).
 Evaluation replays each user's history, then ranks every scored target against the whole
 catalogue; scored rows of a chunk are ranked together in blocks.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytorch_lightning as pl
@@ -33,7 +36,7 @@ from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_support
 from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
-from hrnn_lit.models.overlap import Worker, overlap_blocker
+from hrnn_lit.models.overlap import Chooser, Worker, overlap_blocker
 from hrnn_lit.models.sampling import PopularitySampler
 
 OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
@@ -84,7 +87,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         ties: str = "conservative",
         eval_block: int = 1024,
         cuda_graph: bool = False,
-        cpu_overlap: bool = True,
+        cpu_overlap: bool | str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["item_counts"])
@@ -108,6 +111,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         self._sampler: PopularitySampler | None = None
         self._graph: GraphStep | None = None
         self._worker: Worker | None = None
+        self._chooser: Chooser | None = None
         self._train_state: tuple[Tensor, Tensor] | None = None
         self._last_finite: tuple[int, Tensor] | None = None
         self._eval_state: tuple[Tensor, Tensor] | None = None
@@ -140,6 +144,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._graph = None  # parameters or optimiser state may be new tensors (a resume)
+        self._chooser = None
         if self.hparams.cuda_graph:
             why = self._graph_blocker()
             if why is not None:
@@ -277,7 +282,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
 
     def _overlap_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
         """The chunk's updates with each step's output side on a worker thread
-        (``overlap.train_chunk``): same values as ``_eager_chunk``."""
+        (``overlap.train_chunk``): same values as ``_sequential_chunk``."""
         if self._worker is None:
             self._worker = Worker()
         return overlap.train_chunk(
@@ -285,13 +290,21 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             self._worker, self._mm_dtype, self._progress_hooks(),
         )  # fmt: skip
 
-    def _can_overlap(self) -> bool:
+    def _overlaps(self) -> bool:
+        """Whether this chunk's updates overlap: ``cpu_overlap`` true, or "auto" and the
+        ``Chooser``'s pick, where the run allows it (``overlap_blocker``)."""
         hp = self.hparams
-        return (
-            hp.cpu_overlap
-            and self._progress_hooks() is not None
-            and overlap_blocker(self.device, self._world_size, hp.clip_grad_norm) is None
-        )
+        if (
+            hp.cpu_overlap is False
+            or self._progress_hooks() is None
+            or overlap_blocker(self.device, self._world_size, hp.clip_grad_norm) is not None
+        ):
+            return False
+        if hp.cpu_overlap != "auto":
+            return True
+        if self._chooser is None:
+            self._chooser = Chooser()
+        return self._chooser.next()
 
     def on_train_end(self) -> None:
         self._close_worker()
@@ -305,8 +318,17 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             worker.close()
 
     def _eager_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
-        if self._can_overlap():
-            return self._overlap_chunk(batch, cand, h, c, losses)
+        overlapped = self._overlaps()
+        t0 = time.perf_counter()
+        if overlapped:
+            h, c = self._overlap_chunk(batch, cand, h, c, losses)
+        else:
+            h, c = self._sequential_chunk(batch, cand, h, c, losses)
+        if self._chooser is not None:
+            self._chooser.record(overlapped, (time.perf_counter() - t0) / losses.numel())
+        return h, c
+
+    def _sequential_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
         step = self._optimizer_step()
         mm_dtype = self._mm_dtype
         clip = self.hparams.clip_grad_norm

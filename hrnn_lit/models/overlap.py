@@ -14,15 +14,18 @@ A worker thread runs the output side while the calling thread runs the recurrent
 next step's scores wait for the worker. Each side does the operations of the sequential
 step on the same values and the worker draws no random numbers, so the results equal
 ``update.forward`` / ``update.backward`` / ``opt.step()`` run at the same intra-op thread
-count (tests/test_overlap.py). The two sides run with half the torch threads each and the
-scores and loss with all of them. On a shared machine this also keeps a step from waiting
-at every small op for a second OpenMP thread whose core is busy elsewhere.
+count (tests/test_overlap.py). Each thread runs with half the torch threads. On a shared
+machine this keeps a step from waiting at every small op for a second OpenMP thread whose
+core is busy elsewhere; on an idle one, all threads on every op can be faster
+(``Chooser``).
 """
 
 from __future__ import annotations
 
 import queue
+import statistics
 import threading
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -88,6 +91,43 @@ class Worker:
                 self._thread.join()
 
 
+class Chooser:
+    """Chooses chunk by chunk between the sequential step (every op on all threads) and the
+    overlapped one: whichever took less wall time per step over its last ``window`` timed
+    chunks. Which is faster depends on the machine's load at the time (on a shared 2-core
+    VM the sequential step was ~13% faster when both cores were free and ~1.8x slower when
+    another tenant took turns on one), so the other one is timed again every
+    ``probe_every`` chunks. The first chunk (warm-up) is not timed. Both give the same
+    updates up to float rounding (bit for bit on the machine above)."""
+
+    def __init__(self, window: int = 3, probe_every: int = 16) -> None:
+        self.times: dict[bool, deque] = {False: deque(maxlen=window), True: deque(maxlen=window)}
+        self.chunks = {False: 0, True: 0}  # chunks run each way
+        self._probe_every = probe_every
+        self._decided = self._recorded = 0
+
+    def next(self) -> bool:
+        """Whether the next chunk overlaps."""
+        k, self._decided = self._decided, self._decided + 1
+        seq, ovl = self.times[False], self.times[True]
+        if not seq:
+            return k == 0  # the warm-up chunk, then one sequential
+        if not ovl:
+            return True
+        best = statistics.median(ovl) <= statistics.median(seq)
+        return best != (k % self._probe_every == 0)
+
+    def record(self, overlapped: bool, seconds_per_step: float) -> None:
+        self.chunks[overlapped] += 1
+        self._recorded += 1
+        if self._recorded > 1:
+            self.times[overlapped].append(seconds_per_step)
+
+    def overlap_share(self) -> float:
+        n = sum(self.chunks.values())
+        return self.chunks[True] / n if n else 0.0
+
+
 def output_params(core: RecurrentCore) -> list[torch.nn.Parameter]:
     """The parameters the output side updates."""
     out = [core.out_w.weight, core.out_b.weight]
@@ -124,13 +164,12 @@ def train_chunk(
     rest = [p for p in core.parameters() if all(p is not q for q in out)]
     params = out + rest
     threads = torch.get_num_threads()
-    half = max(1, threads // 2)
+    torch.set_num_threads(max(1, threads // 2))  # per thread; the worker's team follows
     try:
         h, c, start = update.start_step(core, batch, 0, h, c)
         inputs = update.forward_input(core, inp[0], h, c)
         for t in range(T):
             worker.wait()  # step t - 1's output tables
-            torch.set_num_threads(threads)
             if hooks is not None:
                 hooks[0]()
             for p in params:  # = opt.zero_grad(set_to_none=True)
@@ -139,7 +178,6 @@ def train_chunk(
                 core, loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
                 distinct[t], inputs,
             )  # fmt: skip
-            torch.set_num_threads(half)
             worker.submit(lambda cache=cache: _output_update(core, opt, cache, out))
             update.set_grads(update.recurrent_gradients(core, cache))
             opt.step_params(rest)
