@@ -442,7 +442,6 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
         gs = GraphStep(core, loss_grad, opt, B, B + s.n_sample, device, mm_dtype)
     overlap = s.overlap if overlap is None else overlap
     may = gs is None and overlap is not False and _overlaps(job)
-    pool = overlapped.Worker() if may else None
     chooser = overlapped.Chooser() if may and overlap == "auto" else None
     sync = (lambda: torch.cuda.synchronize()) if sync_phases else (lambda: None)
     pc = time.perf_counter
@@ -478,7 +477,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
             samples = sampler.draw((T, s.n_sample)) if sampler is not None else None
             cand = tgt if samples is None else torch.cat([tgt, samples], dim=1)
             losses = torch.zeros(T, device=device)
-            use = pool is not None and (chooser is None or chooser.next())
+            use = may and (chooser is None or chooser.next())
             t_chunk = pc()
             if gs is not None:  # = RecurrentRecommender._graph_chunk
                 ids, flags = chunk_inputs(batch, cand)
@@ -488,7 +487,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
                 h, c = gs.state()
             elif use:  # = RecurrentRecommender._overlap_chunk
                 h, c = overlapped.train_chunk(
-                    core, loss_grad, opt, batch, cand, h, c, losses, pool, mm_dtype
+                    core, loss_grad, opt, batch, cand, h, c, losses, mm_dtype
                 )
             else:
                 distinct = update.chunk_distinct(cand, inp, n_items)
@@ -546,8 +545,6 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
         "final_loss": float(last_loss),
         "overlap_share": None if chooser is None else chooser.overlap_share(),
     }
-    if pool is not None:
-        pool.close()
     del core, opt, sampler
     gc.collect()
     return out

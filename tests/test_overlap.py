@@ -5,6 +5,7 @@ chunks, for every model variant, and the module's choice between the two."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -46,7 +47,6 @@ def run_both(variant, loss="cross-entropy", kind="adagrad", wd=0.0, dropout=0.0,
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, dm.n_items, (b["input"].shape[0], n_sample), generator=gen)
                for b in data]  # fmt: skip
-    worker = overlap.Worker()
     results = []
     for overlapped in (False, True):
         core_k = copy.deepcopy(core)
@@ -60,9 +60,7 @@ def run_both(variant, loss="cross-entropy", kind="adagrad", wd=0.0, dropout=0.0,
             inp, valid = batch["input"], batch["valid"]
             if overlapped:
                 out = torch.zeros(inp.shape[0], dtype=dtype)
-                h, c = overlap.train_chunk(
-                    core_k, loss_grad, opt, batch, cand, h, c, out, worker, mm_dtype
-                )
+                h, c = overlap.train_chunk(core_k, loss_grad, opt, batch, cand, h, c, out, mm_dtype)
                 losses += list(out)
                 continue
             for t in range(inp.shape[0]):  # = RecurrentRecommender._eager_chunk
@@ -77,7 +75,6 @@ def run_both(variant, loss="cross-entropy", kind="adagrad", wd=0.0, dropout=0.0,
                 losses.append(lo)
         states = [v for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
         results.append((torch.stack(losses) if losses else None, params, states))
-    worker.close()
     return results
 
 
@@ -90,6 +87,7 @@ def run_both(variant, loss="cross-entropy", kind="adagrad", wd=0.0, dropout=0.0,
 def test_overlapped_update_equals_the_sequential_update(two_threads, variant, loss, kind, wd,
                                                         dropout):  # fmt: skip
     (l_s, p_s, s_s), (l_o, p_o, s_o) = run_both(variant, loss, kind, wd, dropout)
+    assert not [t for t in threading.enumerate() if t.name == "hrnn-overlap"]  # one per chunk
     assert len(l_s) == 64 and torch.isfinite(l_s).all()
     torch.testing.assert_close(l_o, l_s, rtol=1e-10, atol=1e-12)
     assert len(s_o) == len(s_s) >= 2 * len(p_s)  # every parameter's optimiser state
@@ -123,6 +121,7 @@ def test_worker_error_reaches_the_caller_with_nothing_left_running(two_threads, 
     with pytest.raises(FloatingPointError, match="output side failed"):
         run_both("session_rnn", n_chunks=1)
     assert torch.get_num_threads() == 2  # restored
+    assert not [t for t in threading.enumerate() if t.name == "hrnn-overlap"]  # joined
     worker = overlap.Worker()
     with pytest.raises(RuntimeError, match="was not waited for"):
         worker.submit(lambda: None)
@@ -155,7 +154,6 @@ def _fit(monkeypatch, **kw):
     )  # fmt: skip
     trainer = _trainer(max_epochs=2, accelerator="cpu", devices=1)
     trainer.fit(model, datamodule=dm)
-    assert model._worker is None  # closed at the end of training
     return model, trainer, len(chunks_run)
 
 

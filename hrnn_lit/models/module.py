@@ -36,7 +36,7 @@ from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_support
 from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
-from hrnn_lit.models.overlap import Chooser, Worker, overlap_blocker
+from hrnn_lit.models.overlap import Chooser, overlap_blocker
 from hrnn_lit.models.sampling import PopularitySampler
 
 OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
@@ -110,7 +110,6 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
         self._graph: GraphStep | None = None
-        self._worker: Worker | None = None
         self._chooser: Chooser | None = None
         self._train_state: tuple[Tensor, Tensor] | None = None
         self._last_finite: tuple[int, Tensor] | None = None
@@ -283,11 +282,9 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
     def _overlap_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
         """The chunk's updates with each step's output side on a worker thread
         (``overlap.train_chunk``): same values as ``_sequential_chunk``."""
-        if self._worker is None:
-            self._worker = Worker()
         return overlap.train_chunk(
             self.core, self.loss_grad, self.optimizers().optimizer, batch, cand, h, c, losses,
-            self._worker, self._mm_dtype, self._progress_hooks(),
+            self._mm_dtype, self._progress_hooks(),
         )  # fmt: skip
 
     def _overlaps(self) -> bool:
@@ -305,17 +302,6 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         if self._chooser is None:
             self._chooser = Chooser()
         return self._chooser.next()
-
-    def on_train_end(self) -> None:
-        self._close_worker()
-
-    def teardown(self, stage: str) -> None:  # also after a failed fit
-        self._close_worker()
-
-    def _close_worker(self) -> None:
-        if self._worker is not None:
-            worker, self._worker = self._worker, None
-            worker.close()
 
     def _eager_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
         overlapped = self._overlaps()
