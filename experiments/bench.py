@@ -26,11 +26,9 @@ medians over ``--repeats`` are reported. Peak RSS is ``ru_maxrss`` of the config
 read right after its first Lightning fit + test (before any plain-loop model exists);
 ``--quick`` runs all configs in one process (RSS not isolated). Evaluation covers the first
 test users holding the config's ``eval_events`` scored events (all of them with their
-history), to bound its time. ``--threads`` defaults to all CPUs, as ``python -m hrnn_lit``
-does; with 2 or more, ours and plain run ``model.cpu_overlap=auto`` (per chunk, the
-sequential step or the one with the output tables' update on a second thread, whichever
-has been faster lately: ``hrnn_lit/models/overlap.py``), and the phase split comes from one
-more, sequential pass of the plain loop.
+history), to bound its time. ``--threads`` defaults to 1: on a 2-core machine shared with
+other jobs, two intra-op threads made a training step ~8x slower (each of the ~100 small
+ops per step waits for both threads); pass ``--threads 2`` on an idle machine.
 
 Configs: a_* = GRU4Rec comparison (cross-entropy, H=100, B=128, 2048 extra negatives by
 popularity^0.5, 20k items, ~350k events); b_* = paper XING small (TOP1, in-batch negatives,
@@ -42,8 +40,6 @@ events; the catalogue is padded with unseen items of count 1, so the sampler spa
 a_events = full epochs of a's session RNN on 1/8, 1/4 and 1/2 of a's users (linearity).
 a_session_rnn_bf16 = a under trainer precision bf16-mixed (the two [B, B+S] products of the
 backward in bfloat16), its reference the float32 plain loop of a, interleaved.
-a_session_rnn_sequential / a_session_rnn_overlap = a with ``model.cpu_overlap=false`` /
-``true``, their reference the plain loop of a (auto), interleaved.
 
     python experiments/bench.py                        # all configs, bench.json
     python experiments/bench.py --configs a_session_rnn a_hrnn_init --repeats 5
@@ -127,7 +123,6 @@ class Setting:
     eval_events: int  # scored test events to evaluate (whole users)
     sample_alpha: float = 0.5
     precision: str = "32-true"  # Trainer precision; bf16-mixed: bfloat16 backward products
-    overlap: bool | str = "auto"  # model.cpu_overlap (applies on CPU with 2+ threads)
 
 
 @dataclass(frozen=True)
@@ -143,8 +138,6 @@ B = Setting("xing", "top1", 100, 50, 0, None, chunks=12, eval_events=8000)
 C = dataclasses.replace(B, hidden=500, chunks=5, eval_events=3000)
 A200 = dataclasses.replace(A, catalogue=200_000, eval_events=2000)
 A_BF16 = dataclasses.replace(A, precision="bf16-mixed")
-A_SEQ = dataclasses.replace(A, overlap=False)
-A_OVL = dataclasses.replace(A, overlap=True)
 CONFIGS = {
     "a_session_rnn": Config(A, "session_rnn"),
     "a_hrnn_init": Config(A, "hrnn_init"),
@@ -154,8 +147,6 @@ CONFIGS = {
     "c_hrnn_init": Config(C, "hrnn_init"),
     "a_session_rnn_200k": Config(A200, "session_rnn", ref=A),
     "a_session_rnn_bf16": Config(A_BF16, "session_rnn", ref=A),
-    "a_session_rnn_sequential": Config(A_SEQ, "session_rnn", ref=A),
-    "a_session_rnn_overlap": Config(A_OVL, "session_rnn", ref=A),
     "a_events": Config(A, "session_rnn", kind="events"),
 }
 
@@ -331,7 +322,6 @@ def run_ours(job: Job, evaluate: bool, warmup: int | None = None) -> dict:
         optimizer="adagrad",
         lr=LR,
         cuda_graph=args.cuda_graph,
-        cpu_overlap=s.overlap,
         **model_kwargs(s, model),
     )
     device = torch.device(args.device)
@@ -355,8 +345,6 @@ def run_ours(job: Job, evaluate: bool, warmup: int | None = None) -> dict:
     )
     trainer.fit(module, datamodule=dm)
     out = timer.result()
-    chooser = module._chooser  # cpu_overlap=auto: the share of chunks that overlapped
-    out["overlap_share"] = None if chooser is None else chooser.overlap_share()
     loss = trainer.callback_metrics.get(
         "train/loss_epoch", trainer.callback_metrics.get("train/loss")
     )
@@ -399,25 +387,14 @@ def _epoch_loader(dm, epoch: int):
     return DataLoader(PlanDataset(dm.fit_steps, plan, dm.steps_per_batch), batch_size=None)
 
 
-def _overlaps(job: Job) -> bool:
-    """Whether the job's updates may overlap (``RecurrentRecommender._overlaps``)."""
-    import torch
-
-    return job.s.overlap is not False and job.args.device == "cpu" and torch.get_num_threads() >= 2
-
-
-def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
-              overlap: bool | str | None = None) -> dict:  # fmt: skip
+def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) -> dict:
     """The same training in a bare loop (what RecurrentRecommender.training_step does, with
     no Lightning), timed per phase. ``sync_phases`` synchronises CUDA between phases.
     ``graph`` (default ``--cuda-graph``): each update a replay of one CUDA graph, timed as
-    forward. ``overlap`` (default: the setting's): true, false or "auto" as
-    ``model.cpu_overlap``; an overlapped chunk (``overlap.train_chunk``) is timed as
     forward."""
     s, model, dm, n_items, counts, args, chunks, epochs = job
     import torch
 
-    from hrnn_lit.models import overlap as overlapped
     from hrnn_lit.models import update
     from hrnn_lit.models.core import RecurrentCore
     from hrnn_lit.models.graph_step import GraphStep, chunk_inputs
@@ -440,9 +417,6 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
     if graph:
         B = dm.batch_size
         gs = GraphStep(core, loss_grad, opt, B, B + s.n_sample, device, mm_dtype)
-    overlap = s.overlap if overlap is None else overlap
-    may = gs is None and overlap is not False and _overlaps(job)
-    chooser = overlapped.Chooser() if may and overlap == "auto" else None
     sync = (lambda: torch.cuda.synchronize()) if sync_phases else (lambda: None)
     pc = time.perf_counter
     ph = dict.fromkeys(PHASES, 0.0)
@@ -477,23 +451,17 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
             samples = sampler.draw((T, s.n_sample)) if sampler is not None else None
             cand = tgt if samples is None else torch.cat([tgt, samples], dim=1)
             losses = torch.zeros(T, device=device)
-            use = may and (chooser is None or chooser.next())
-            t_chunk = pc()
             if gs is not None:  # = RecurrentRecommender._graph_chunk
                 ids, flags = chunk_inputs(batch, cand)
                 gs.set_state(h, c)
                 for t in range(T):
                     losses[t] = gs.step(ids[t], flags[t])
                 h, c = gs.state()
-            elif use:  # = RecurrentRecommender._overlap_chunk
-                h, c = overlapped.train_chunk(
-                    core, loss_grad, opt, batch, cand, h, c, losses, mm_dtype
-                )
             else:
                 distinct = update.chunk_distinct(cand, inp, n_items)
             sync()
             t_fwd += pc() - a
-            for t in range(T if gs is None and not use else 0):  # the eager updates
+            for t in range(T if gs is None else 0):  # the eager updates
                 p0 = pc()
                 h, c, start = update.start_step(core, batch, t, h, c)
                 for p in params:  # = opt.zero_grad(set_to_none=True)
@@ -514,8 +482,6 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
                 t_fwd += p1 - p0
                 t_bwd += p2 - p1
                 t_opt += p3 - p2
-            if chooser is not None:  # as RecurrentRecommender._eager_chunk
-                chooser.record(use, (pc() - t_chunk) / T)
             if not bool(torch.isfinite(losses).all()):  # training_step's one sync per chunk
                 raise FloatingPointError(f"plain loop: non-finite loss in chunk {n_chunk}")
             state = (h, c)
@@ -543,7 +509,6 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None,
         "cpu_seconds": c1 - c0,
         "phase_seconds": ph,
         "final_loss": float(last_loss),
-        "overlap_share": None if chooser is None else chooser.overlap_share(),
     }
     del core, opt, sampler
     gc.collect()
@@ -606,8 +571,6 @@ def bench_train(name: str, cfg: Config, args) -> dict:
         runs["ref"] = runs["plain"]
     if args.device == "cuda":  # the timed runs had no syncs: split phases in one more pass
         profile = [run_plain(main, True, graph=False)]  # (a graph has no phases)
-    elif _overlaps(main):  # nor has an overlapped step: one sequential pass
-        profile = [run_plain(main, overlap=False)]
     else:
         profile = runs["plain"]
     us, share = _phase_summary(profile)
@@ -648,13 +611,6 @@ def bench_train(name: str, cfg: Config, args) -> dict:
         "peak_rss_mb": rss,
         "process_peak_rss_mb": peak_rss_mb(),
         "final_loss": {k: runs[k][-1]["final_loss"] for k in ("ours", "plain")},
-        # cpu_overlap=auto: median share of chunks run overlapped (None: not auto)
-        "overlap_share": {
-            k: _median([r.get("overlap_share") for r in runs[k]])
-            if runs[k][0].get("overlap_share") is not None
-            else None
-            for k in ("ours", "plain")
-        },
         "recall@20": runs["ours"][-1].get("recall@20"),
         "setup_s": setup_s,
         "runs": {
@@ -810,9 +766,6 @@ def compute_ratios(res: dict) -> dict:
     r["a/bf16_vs_float32"] = _get(res, "a_session_rnn_bf16", "train_events_per_s") / _get(
         res, "a_session_rnn", "train_events_per_s"
     )
-    # cpu_overlap false / true over auto: plain loops interleaved in one process
-    for way in ("sequential", "overlap"):
-        r[f"a/{way}_vs_auto_plain_same_run"] = _get(res, f"a_session_rnn_{way}", "plain_vs_ref")
     big, small = "a_session_rnn_200k", "a_session_rnn"
     r["catalogue/train_200k_vs_20k"] = _get(res, big, "train_events_per_s") / _get(
         res, small, "train_events_per_s"
@@ -959,15 +912,6 @@ def format_report(result: dict) -> str:
         "preempted by other load): "
         + ", ".join(f"{n} {r['cpu_util']:.2f}" for n, r in res.items() if r.get("cpu_util"))
     )
-    shares = [
-        f"{n} {sh['ours']:.2f} / {sh['plain']:.2f}"
-        for n, r in res.items()
-        if (sh := r.get("overlap_share")) and sh.get("ours") is not None
-    ]
-    if shares:
-        lines.append(
-            "cpu_overlap=auto, share of chunks run overlapped (ours / plain): " + ", ".join(shares)
-        )
     lines += [
         "",
         "ratios (same bench run; 'normalised' = each divided by its own process's "
@@ -1035,9 +979,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="torch.set_num_threads (default: all CPUs, as python -m hrnn_lit; 2 or more "
-        "overlap each step's output-table update with the rest)",
+        default=1,
+        help="torch.set_num_threads (default 1: on a shared 2-core machine intra-op threads "
+        "of these small ops mostly wait on each other)",
     )
     ap.add_argument("--json", type=Path, default=Path("bench.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # worker: comma-separated configs

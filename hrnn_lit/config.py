@@ -113,13 +113,9 @@ def validate_rnn(cfg: DictConfig) -> None:
     _float(cfg, "model.bpreg", 0.0)
     for key in ("dropout_session", "dropout_user", "dropout_init"):
         _float(cfg, f"model.{key}", 0.0, 0.999)
-    value = OmegaConf.select(cfg, "model.cuda_graph", default=False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"model.cuda_graph must be true or false, got {value!r}")
-    value = OmegaConf.select(cfg, "model.cpu_overlap", default="auto")
-    if not (isinstance(value, bool) or value == "auto"):
-        raise ConfigError(f"model.cpu_overlap must be true, false or auto, got {value!r}")
     graph = OmegaConf.select(cfg, "model.cuda_graph", default=False)
+    if not isinstance(graph, bool):
+        raise ConfigError(f"model.cuda_graph must be true or false, got {graph!r}")
     if graph:
         m = cfg.model
         why = graph_support(m.loss, m.optimizer, m.momentum, m.clip_grad_norm)

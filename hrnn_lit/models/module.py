@@ -5,17 +5,12 @@ Each time step is one optimiser update (no back-propagation through time, DESIGN
 forward and backward written by hand in ``models/update.py``: hidden states are carried
 from step to step without gradients, and across chunks on the module. With
 ``cuda_graph=True`` (one GPU) each update is a replay of one captured CUDA graph of the same
-step (``models/graph_step.py``). On CPU (one process, 2+ threads) the output tables' update
-of each step can run on a worker thread while the rest of the step goes on
-(``models/overlap.py``): ``cpu_overlap`` true, false, or "auto" (per chunk, whichever has
-been faster lately).
+step (``models/graph_step.py``).
 Evaluation replays each user's history, then ranks every scored target against the whole
 catalogue; scored rows of a chunk are ranked together in blocks.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytorch_lightning as pl
@@ -31,12 +26,11 @@ from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.hooks import RankingEvalHooks
 from hrnn_lit.evaluation.ranking import catalogue_ranks
 from hrnn_lit.evaluation.replay import replay_scored
-from hrnn_lit.models import overlap, update
+from hrnn_lit.models import update
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_support
 from hrnn_lit.models.losses import loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
-from hrnn_lit.models.overlap import Chooser, overlap_blocker
 from hrnn_lit.models.sampling import PopularitySampler
 
 OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
@@ -87,7 +81,6 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         ties: str = "conservative",
         eval_block: int = 1024,
         cuda_graph: bool = False,
-        cpu_overlap: bool | str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["item_counts"])
@@ -110,7 +103,6 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
         self._graph: GraphStep | None = None
-        self._chooser: Chooser | None = None
         self._train_state: tuple[Tensor, Tensor] | None = None
         self._last_finite: tuple[int, Tensor] | None = None
         self._eval_state: tuple[Tensor, Tensor] | None = None
@@ -143,7 +135,6 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._graph = None  # parameters or optimiser state may be new tensors (a resume)
-        self._chooser = None
         if self.hparams.cuda_graph:
             why = self._graph_blocker()
             if why is not None:
@@ -279,42 +270,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             after()
         return gs.state()
 
-    def _overlap_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
-        """The chunk's updates with each step's output side on a worker thread
-        (``overlap.train_chunk``): same values as ``_sequential_chunk``."""
-        return overlap.train_chunk(
-            self.core, self.loss_grad, self.optimizers().optimizer, batch, cand, h, c, losses,
-            self._mm_dtype, self._progress_hooks(),
-        )  # fmt: skip
-
-    def _overlaps(self) -> bool:
-        """Whether this chunk's updates overlap: ``cpu_overlap`` true, or "auto" and the
-        ``Chooser``'s pick, where the run allows it (``overlap_blocker``)."""
-        hp = self.hparams
-        if (
-            hp.cpu_overlap is False
-            or self._progress_hooks() is None
-            or overlap_blocker(self.device, self._world_size, hp.clip_grad_norm) is not None
-        ):
-            return False
-        if hp.cpu_overlap != "auto":
-            return True
-        if self._chooser is None:
-            self._chooser = Chooser()
-        return self._chooser.next()
-
     def _eager_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
-        overlapped = self._overlaps()
-        t0 = time.perf_counter()
-        if overlapped:
-            h, c = self._overlap_chunk(batch, cand, h, c, losses)
-        else:
-            h, c = self._sequential_chunk(batch, cand, h, c, losses)
-        if self._chooser is not None:
-            self._chooser.record(overlapped, (time.perf_counter() - t0) / losses.numel())
-        return h, c
-
-    def _sequential_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
         step = self._optimizer_step()
         mm_dtype = self._mm_dtype
         clip = self.hparams.clip_grad_norm

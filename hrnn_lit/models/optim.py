@@ -76,21 +76,10 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step(None)
-        return loss
-
-    @torch.no_grad()
-    def step_params(self, params: list[Tensor]) -> None:
-        """``step`` for these parameters only. A parameter's update reads its own gradient
-        and state alone, so two threads may step disjoint parameter sets at once
-        (``hrnn_lit.models.overlap``)."""
-        self._step({id(p) for p in params})
-
-    def _step(self, only: set[int] | None) -> None:
         for group in self.param_groups:
             fused = []  # CPU tensors under plain Adagrad: one fused kernel for all
             for p in group["params"]:
-                if p.grad is None or (only is not None and id(p) not in only):
+                if p.grad is None:
                     continue
                 if _FUSED and self._fusable(p, group):
                     fused.append(p)
@@ -98,6 +87,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                     self._update(p, group)
             if fused:
                 self._fused_adagrad(fused, group)
+        return loss
 
     def _fusable(self, p: Tensor, group: dict) -> bool:
         return group["kind"] == "adagrad" and not group["momentum"] and p.device.type == "cpu"

@@ -337,19 +337,13 @@ def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
     return output_gradients(core, cache) + recurrent_gradients(core, cache)
 
 
-def set_grads(grads: list[Grad]) -> None:
-    """Set ``.grad`` from (parameter, rows, gradient): an item table's as a coalesced
-    row-sparse tensor."""
-    for p, rows, g in grads:
+@torch.no_grad()
+def backward(core: RecurrentCore, cache: dict) -> None:
+    """Set ``.grad`` of every parameter the step touched (they must be None before): an
+    item table's as a coalesced row-sparse tensor."""
+    for p, rows, g in gradients(core, cache):
         if rows is not None:
             g = torch.sparse_coo_tensor(
                 rows[None], g, p.shape, is_coalesced=True, check_invariants=False
             )
         p.grad = g
-
-
-@torch.no_grad()
-def backward(core: RecurrentCore, cache: dict) -> None:
-    """Set ``.grad`` of every parameter the step touched (they must be None before): an
-    item table's as a coalesced row-sparse tensor."""
-    set_grads(gradients(core, cache))
