@@ -181,23 +181,6 @@ def _user_level_gradients(core: RecurrentCore, st: dict, dh: Tensor, dc: Tensor 
 
 
 @torch.no_grad()
-def forward_input(core: RecurrentCore, item: Tensor, h: Tensor, c: Tensor) -> dict:
-    """The session-GRU step on input items [B] from states h [B, H], c [B, U]: the new
-    state h_new, the dropped-out state the scores use (h_out), its dropout mask and the
-    GRU's cache. It reads only the input side's weights (item_in, the GRU, W_c), so it can
-    run while the output tables are being updated (``hrnn_lit.models.overlap``)."""
-    H = core.hidden_size
-    gi = core.item_in.weight.index_select(0, item).add_(core.bias_in)  # [B, 3H]
-    gh = torch.addmm(core.w_h.bias, h, core.w_h.weight.T)  # [B, 3H]
-    if core.user_propagation == "all":
-        gi[:, : 2 * H].addmm_(c, core.w_c.weight.T)
-    h_new, gru = _gru(gi, gh, h)
-    mask = _dropout_mask(core.drop_session, h_new)
-    h_out = h_new if mask is None else h_new * mask
-    return dict(h_new=h_new, gru=gru, mask=mask, h_out=h_out)
-
-
-@torch.no_grad()
 def forward(
     core: RecurrentCore,
     loss_grad: LossGrad,
@@ -209,7 +192,6 @@ def forward(
     start: dict | None = None,
     mm_dtype: torch.dtype | None = None,
     distinct: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-    inputs: dict | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Session-GRU step on input items [B] from states h [B, H], c [B, U] (``start``: the
     cache of ``start_sessions`` when it ran before this step), scores of the candidates [N]
@@ -220,12 +202,16 @@ def forward(
     magnitude 20 is off by up to 0.06, a 6% change of its softmax weight, while the scores'
     gradients (ds) are bounded by 1 and take the rounding as noise. ``distinct``: the
     (values, inverse) of ``torch.unique`` of the candidates and of the items, when known
-    (``chunk_unique``); None: computed in ``backward``. ``inputs``: ``forward_input``'s
-    result for (item, h, c) when it already ran."""
-    B = item.numel()
-    if inputs is None:
-        inputs = forward_input(core, item, h, c)
-    h_new, gru, mask, h_out = (inputs[k] for k in ("h_new", "gru", "mask", "h_out"))
+    (``chunk_unique``); None: computed in ``backward``."""
+    H, B = core.hidden_size, item.numel()
+    gi = core.item_in.weight.index_select(0, item).add_(core.bias_in)  # [B, 3H]
+    gh = torch.addmm(core.w_h.bias, h, core.w_h.weight.T)  # [B, 3H]
+    if core.user_propagation == "all":
+        gi[:, : 2 * H].addmm_(c, core.w_c.weight.T)
+    h_new, gru = _gru(gi, gh, h)
+
+    mask = _dropout_mask(core.drop_session, h_new)
+    h_out = h_new if mask is None else h_new * mask
     w_out = core.out_w.weight.index_select(0, candidates)  # [N, H]
     b_out = core.out_b.weight.index_select(0, candidates).view(-1)  # [N]
     s = torch.addmm(b_out, h_out, w_out.T)  # [B, N]
@@ -248,69 +234,51 @@ def forward(
         w_out=w_out, u_out=u_out, ds=ds, r=r, start=start, mm_dtype=mm_dtype,
         distinct=distinct,
     )  # fmt: skip
-    if mm_dtype is not None:  # the backward products' operand, cast once for both sides
-        cache["ds_lp"] = ds.to(mm_dtype)
     return h_new, loss, cache
 
 
 Grad = tuple[torch.nn.Parameter, Tensor | None, Tensor]
 
 
-def _products(cache: dict) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
-    """(ds in the backward products' dtype, the product a @ b with its result in ds's
-    dtype): ``mm_dtype`` (None: ds's own)."""
-    ds, lp = cache["ds"], cache["mm_dtype"]
-    if lp is None:
-        return ds, torch.mm
-    return cache["ds_lp"], lambda a, b: (a @ b.to(lp)).to(ds.dtype)
+@torch.no_grad()
+def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
+    """The gradient of every parameter the step touched, as (parameter, None, dense
+    gradient) or, for an item table, (parameter, rows [M], gradient rows [M, D]): one row per
+    distinct item of the step (``distinct``'s values; padded ones get zero rows)."""
+    H = core.hidden_size
+    ds, r, c, gru, start = cache["ds"], cache["r"], cache["c"], cache["gru"], cache["start"]
 
-
-def _distinct(cache: dict) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    # ---- output layer (the step's gradient of the scores is ds * r: r scales the rows)
     distinct = cache["distinct"]
     if distinct is None:
-        distinct = cache["distinct"] = tuple(
+        distinct = tuple(
             torch.unique(cache[k], return_inverse=True) for k in ("candidates", "item")
         )
-    return distinct
-
-
-@torch.no_grad()
-def output_gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
-    """The output tables' gradient rows (out_w, out_b and out_u): ``gradients``' first
-    part, which reads only ``forward``'s results and writes nothing but its own."""
-    ds, r, c = cache["ds"], cache["r"], cache["c"]
-    (uniq, inv), _ = _distinct(cache)
-    ds_lp, mm = _products(cache)
+    (uniq, inv), (in_uniq, in_inv) = distinct
     db = ds.T @ r  # [N, 1], in ds's dtype
+    lp = cache["mm_dtype"]  # the two [B, N] products' dtype (None: ds's own)
+    ds_lp = ds if lp is None else ds.to(lp)
+
+    def mm(a: Tensor, b: Tensor) -> Tensor:  # a (from ds_lp) @ b, result in ds's dtype
+        return a @ b if lp is None else (a @ b.to(lp)).to(ds.dtype)
+
     g_w = mm(ds_lp.T, cache["h_out"] * r)  # [N, H]
     grads = [
         (core.out_w.weight, uniq, _row_sums(uniq, inv, g_w)),
         (core.out_b.weight, uniq, _row_sums(uniq, inv, db)),
     ]
-    if core.user_to_output:
-        g_u = mm(ds_lp.T, c * r)  # [N, U]
-        grads.append((core.out_u.weight, uniq, _row_sums(uniq, inv, g_u)))
-    return grads
-
-
-@torch.no_grad()
-def recurrent_gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
-    """The gradients of the input table, the session GRU and the user level: ``gradients``'
-    second part (the scores' gradient to the states, then back through the GRUs)."""
-    H = core.hidden_size
-    r, c, gru, start = cache["r"], cache["c"], cache["gru"], cache["start"]
-    _, (in_uniq, in_inv) = _distinct(cache)
-    ds_lp, mm = _products(cache)
     dh = mm(ds_lp, cache["w_out"]).mul_(r)  # [B, H]
     dc = None
     if core.user_to_output:
+        g_u = mm(ds_lp.T, c * r)  # [N, U]
+        grads.append((core.out_u.weight, uniq, _row_sums(uniq, inv, g_u)))
         dc = mm(ds_lp, cache["u_out"]).mul_(r)  # [B, U]
     if cache["mask"] is not None:
         dh.mul_(cache["mask"])
 
     # ---- session GRU
     da, dgh = _gru_backward(dh, gru)  # [B, 3H] each
-    grads = [
+    grads += [
         (core.item_in.weight, in_uniq, _row_sums(in_uniq, in_inv, da)),
         (core.bias_in, None, da.sum(0)),
         (core.w_h.weight, None, dgh.T @ gru["h_prev"]),
@@ -327,14 +295,6 @@ def recurrent_gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
         dh_prev = torch.addmm(dh * gru["z"], dgh, core.w_h.weight)  # d h_prev [B, H]
         grads += _user_level_gradients(core, start, dh_prev, dc)
     return grads
-
-
-@torch.no_grad()
-def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
-    """The gradient of every parameter the step touched, as (parameter, None, dense
-    gradient) or, for an item table, (parameter, rows [M], gradient rows [M, D]): one row per
-    distinct item of the step (``distinct``'s values; padded ones get zero rows)."""
-    return output_gradients(core, cache) + recurrent_gradients(core, cache)
 
 
 @torch.no_grad()
