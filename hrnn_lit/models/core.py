@@ -24,6 +24,15 @@ RESETS = ("session", "user")
 ACTIVATIONS = {"linear": lambda x: x, "tanh": torch.tanh, "relu": torch.relu}
 
 
+def zero_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x [B, D] with the rows flagged in ``rows`` [B] bool set to 0 (a copy). On CPU by
+    index (~5x faster than a broadcast mask at [512, 100]); elsewhere by mask (no host
+    sync)."""
+    if x.device.type == "cpu":
+        return x.index_fill(0, rows.nonzero().view(-1), 0.0)
+    return x.masked_fill(rows[:, None], 0.0)
+
+
 class RecurrentCore(nn.Module):
     """Session GRU with an optional user-level GRU; ``user_propagation="none"`` is GRU4Rec."""
 
@@ -101,17 +110,13 @@ class RecurrentCore(nn.Module):
         """
         ss, us = session_start[:, None], user_start[:, None]
         if not self.hierarchical:  # GRU4Rec resets per session, RNN Concat per user
-            return h.masked_fill(us if self.reset_at == "user" else ss, 0.0), c
+            return zero_rows(h, user_start if self.reset_at == "user" else session_start), c
         if next_rows is None:
             c_next = self.drop_user(self.user_gru(h, c))
             c = torch.where(us, 0.0, torch.where(ss, c_next, c))
             h0 = self.drop_init(self.init_act(self.w_init(c)))
             return torch.where(us, 0.0, torch.where(ss, h0, h)), c
-        if h.device.type == "cpu":  # zero the rows: ~5x faster than a broadcast mask there
-            reset = user_start.nonzero().view(-1)  # (a host sync elsewhere)
-            h, c = h.index_fill(0, reset, 0.0), c.index_fill(0, reset, 0.0)
-        else:
-            h, c = h.masked_fill(us, 0.0), c.masked_fill(us, 0.0)
+        h, c = zero_rows(h, user_start), zero_rows(c, user_start)
         if next_rows.numel():
             c_rows = self.drop_user(self.user_gru(h[next_rows], c[next_rows]))
             h_rows = self.drop_init(self.init_act(self.w_init(c_rows)))
