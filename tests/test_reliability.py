@@ -9,11 +9,14 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import pytorch_lightning as lightning
 import torch
 
 from hrnn_lit.errors import NumericalError
+from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.run import run
 from tests.conftest import TINY, compose_cfg
+from tests.test_graph_step import small_dm
 
 
 def metrics(results: dict) -> dict:
@@ -92,6 +95,59 @@ def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(tmp_path):
         torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
     )
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("every,last_good", [(16, 48), (32, 32)])
+def test_nan_loss_checked_one_chunk_late_still_keeps_good_checkpoint(
+    tmp_path, monkeypatch, every, last_good
+):
+    """The deferred check (CUDA's: a chunk checked once the next one is queued), forced on
+    CPU: the same error, raised before any checkpoint takes the bad weights. The poisoned
+    chunk's updates are 48-63; the save at update 64 comes before the next chunk's end,
+    where its check would run, and does the check itself."""
+    monkeypatch.setattr(RecurrentRecommender, "_checks_behind", lambda self: 1)
+    cfg = compose_cfg(
+        [
+            "logger=none",
+            "trainer.max_epochs=2",
+            f"callbacks.model_checkpoint.every_n_train_steps={every}",
+            "+callbacks.poison._target_=tests.helpers.PoisonAtBatch",
+            "+callbacks.poison.batch=3",
+        ],
+        tmp_path,
+    )
+    with pytest.raises(NumericalError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert "batch 3" in msg and "update 48" in msg and "at update 47" in msg
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == last_good
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
+
+
+def test_deferred_checks_leave_no_chunk_unchecked(monkeypatch):
+    checked = []
+    monkeypatch.setattr(RecurrentRecommender, "_checks_behind", lambda self: 1)
+    real = RecurrentRecommender._check_chunk
+    monkeypatch.setattr(
+        RecurrentRecommender,
+        "_check_chunk",
+        lambda self, losses, epoch, batch, first: (
+            checked.append((epoch, batch)) or real(self, losses, epoch, batch, first)
+        ),
+    )
+    dm = small_dm()
+    model = RecurrentRecommender(n_items=dm.n_items, item_counts=dm.item_counts, hidden_size=8)
+    trainer = lightning.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, max_epochs=2,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    n = trainer.num_training_batches
+    assert checked == [(e, b) for e in range(2) for b in range(n)]  # in order, each once
+    assert model._unchecked == []
 
 
 def write_events(path: Path, sessions: dict[str, list[list[int]]]) -> None:

@@ -105,6 +105,8 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         self._graph: GraphStep | None = None
         self._train_state: tuple[Tensor, Tensor] | None = None
         self._last_finite: tuple[int, Tensor] | None = None
+        # chunks whose losses are not checked yet: (losses, epoch, batch, first update)
+        self._unchecked: list[tuple[Tensor, int, int, int]] = []
         self._eval_state: tuple[Tensor, Tensor] | None = None
         self._collector = RankCollector(ties)
         self.eval_outputs: dict[str, dict[str, Tensor]] = {}
@@ -135,6 +137,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._graph = None  # parameters or optimiser state may be new tensors (a resume)
+        self._unchecked.clear()
         if self.hparams.cuda_graph:
             why = self._graph_blocker()
             if why is not None:
@@ -156,7 +159,9 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Besides weights and optimiser state: the slots' carried states and the RNG, so a
-        run resumed from a mid-epoch checkpoint continues exactly where it stopped."""
+        run resumed from a mid-epoch checkpoint continues exactly where it stopped. Raises
+        (and nothing is written) if a chunk not yet checked had a non-finite loss."""
+        self._check_finite()
         checkpoint["hrnn_lit"] = {
             "train_state": self._train_state,
             "last_finite": self._last_finite,
@@ -241,7 +246,8 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             h, c = self._graph_chunk(batch, cand, h, c, losses)
         else:
             h, c = self._eager_chunk(batch, cand, h, c, losses)
-        self._check_finite(losses, batch_idx)  # one host sync per chunk, not per step
+        self._unchecked.append((losses, self.current_epoch, batch_idx, self.global_step - T))
+        self._check_finite(self._checks_behind())  # one host sync per chunk, not per step
         self._train_state = (h, c)
         self.log(
             "train/loss",
@@ -305,14 +311,36 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             batch["next_session_rows"][lo:hi],
         )
 
-    def _check_finite(self, losses: Tensor, batch_idx: int) -> None:
-        """Stop on the first NaN/inf loss of a chunk, naming the update and the last finite
-        loss; raising before the batch ends keeps checkpoints from taking the bad weights."""
-        finite = torch.isfinite(losses)
-        first_update = self.global_step - losses.numel()  # updates are counted per step
+    def _checks_behind(self) -> int:
+        """How many chunks' loss checks may wait: 1 on CUDA, where a chunk is checked once
+        the next one's updates are queued, so that the host's work between chunks
+        (Lightning's loop, the next batch) overlaps the device's instead of waiting for it;
+        0 elsewhere. Every check is done before a checkpoint is written, before validation
+        and at the end of each epoch."""
+        return 1 if self.device.type == "cuda" else 0
+
+    def on_train_epoch_end(self) -> None:
+        self._check_finite()
+
+    def on_validation_start(self) -> None:
+        self._check_finite()
+
+    def on_train_end(self) -> None:
+        self._check_finite()
+
+    def _check_finite(self, behind: int = 0) -> None:
+        """Stop on the first NaN/inf loss of the unchecked chunks but the last ``behind``,
+        naming the update and the last finite loss; raising before a checkpoint is written
+        keeps checkpoints from taking the bad weights."""
+        while len(self._unchecked) > behind:
+            self._check_chunk(*self._unchecked.pop(0))
+
+    def _check_chunk(self, losses: Tensor, epoch: int, batch_idx: int, first_update: int):
+        finite = torch.isfinite(losses)  # updates are counted per step
         if bool(finite.all()):
             self._last_finite = (first_update + losses.numel() - 1, losses[-1])
             return
+        self._unchecked.clear()
         t = int((~finite).nonzero()[0])
         if t > 0:
             self._last_finite = (first_update + t - 1, losses[t - 1])
@@ -322,7 +350,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             else (f"{float(self._last_finite[1]):.6g} at update {self._last_finite[0]}")
         )
         raise NumericalError(
-            f"training loss is {float(losses[t])} at epoch {self.current_epoch}, batch "
+            f"training loss is {float(losses[t])} at epoch {epoch}, batch "
             f"{batch_idx}, update {first_update + t} (time step {t} of the batch); last finite "
             f"loss: {last}. Checkpoints hold the last good weights; lower model.lr or set "
             "model.clip_grad_norm"
