@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.models.core import RecurrentCore, zero_rows
 
 LossGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
 
@@ -124,7 +124,7 @@ def start_sessions(
     if not core.hierarchical:
         h, c = core.start_sessions(h, c, session_start, user_start)
         return h, c, None
-    h, c = h.masked_fill(user_start[:, None], 0.0), c.masked_fill(user_start[:, None], 0.0)
+    h, c = zero_rows(h, user_start), zero_rows(c, user_start)
     if rows.numel() == 0:
         return h, c, None
     gru = core.user_gru
