@@ -73,39 +73,17 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
         assert round(b[key], 4) == round(value, 4), key
 
 
-def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(tmp_path):
-    cfg = compose_cfg(
-        [
-            "logger=none",
-            "trainer.max_epochs=2",
-            "callbacks.model_checkpoint.every_n_train_steps=16",
-            "+callbacks.poison._target_=tests.helpers.PoisonAtBatch",
-            "+callbacks.poison.batch=3",
-        ],
-        tmp_path,
-    )
-    with pytest.raises(NumericalError) as e:
-        run(cfg)
-    msg = str(e.value)
-    assert "\n" not in msg and "batch 3" in msg and "update 48" in msg
-    assert "last finite loss" in msg and "at update 47" in msg
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 48
-    assert all(
-        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
-    )
-    assert not (tmp_path / "results.json").exists()
-
-
-@pytest.mark.parametrize("every,last_good", [(16, 48), (32, 32)])
-def test_nan_loss_checked_one_chunk_late_still_keeps_good_checkpoint(
-    tmp_path, monkeypatch, every, last_good
+@pytest.mark.parametrize(
+    "deferred,every,last_good", [(False, 16, 48), (True, 16, 48), (True, 32, 32)]
+)
+def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(
+    tmp_path, monkeypatch, deferred, every, last_good
 ):
-    """The deferred check (CUDA's: a chunk checked once the next one is queued), forced on
-    CPU: the same error, raised before any checkpoint takes the bad weights. The poisoned
-    chunk's updates are 48-63; the save at update 64 comes before the next chunk's end,
-    where its check would run, and does the check itself."""
-    monkeypatch.setattr(RecurrentRecommender, "_checks_behind", lambda self: 1)
+    """The poisoned chunk's updates are 48-63. Deferred: the check CUDA runs (a chunk checked
+    once the next one is queued), forced on CPU; the save at update 64 comes before the
+    next chunk's end, where that check would run, and does the check itself."""
+    if deferred:
+        monkeypatch.setattr(RecurrentRecommender, "_checks_behind", lambda self: 1)
     cfg = compose_cfg(
         [
             "logger=none",
@@ -119,12 +97,14 @@ def test_nan_loss_checked_one_chunk_late_still_keeps_good_checkpoint(
     with pytest.raises(NumericalError) as e:
         run(cfg)
     msg = str(e.value)
-    assert "batch 3" in msg and "update 48" in msg and "at update 47" in msg
+    assert "\n" not in msg and "batch 3" in msg and "update 48" in msg
+    assert "last finite loss" in msg and "at update 47" in msg
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == last_good
     assert all(
         torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
     )
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_deferred_checks_leave_no_chunk_unchecked(monkeypatch):
