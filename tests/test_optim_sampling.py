@@ -128,6 +128,38 @@ def test_sampler_follows_popularity_power(alpha):
     assert sampler.draw((3, 7)).shape == (3, 7)
 
 
+def _counts(kind: str) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if kind == "zipf":  # a long tail, some items never seen
+        c = (1e5 / np.arange(1, 3001) ** 1.1).astype(np.int64)
+        c[rng.choice(3000, 300, replace=False)] = 0
+        return c
+    if kind == "huge_range":  # 2000 items within one bucket: no guide table
+        return np.r_[np.ones(2000, np.int64), 10**12]
+    return rng.integers(0, 50, 5000)
+
+
+@pytest.mark.parametrize("kind,alpha", [("zipf", 0.5), ("zipf", 1.0), ("zipf", 0.0),
+                                        ("flat", 0.5), ("huge_range", 1.0)])  # fmt: skip
+def test_sampler_items_equal_the_binary_search_for_every_u(kind, alpha):
+    """The guide table gives searchsorted(cdf, u, right=True) for random u and for the
+    float32 values at and next to every bucket edge and every item boundary."""
+    sampler = PopularitySampler(_counts(kind), alpha)
+    cdf = sampler.cdf
+    assert (sampler.lo is None) == (kind == "huge_range")
+    K = max(sampler.buckets, 1)
+    edges = (torch.arange(K + 1, dtype=torch.float64) / K).float()
+    points = torch.cat(
+        [edges, cdf, torch.rand(1_000_000, generator=torch.Generator().manual_seed(0))]
+    )
+    up = torch.nextafter(points, torch.tensor(2.0))
+    down = torch.nextafter(points, torch.tensor(-1.0))
+    u = torch.cat([points, up, down, torch.tensor([0.0])])
+    u = u[(u >= 0) & (u < 1)]
+    expected = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1)
+    assert torch.equal(sampler.items(u), expected)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_fused_dense_adagrad_equals_the_per_tensor_update(monkeypatch, weight_decay):
     """Dense tensors go through torch's fused CPU Adagrad kernel; the update is the one of
