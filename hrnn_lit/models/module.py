@@ -336,7 +336,8 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             self._check_chunk(*self._unchecked.pop(0))
 
     def _check_chunk(self, losses: Tensor, epoch: int, batch_idx: int, first_update: int):
-        finite = torch.isfinite(losses)  # updates are counted per step
+        """``_check_finite`` for one chunk (updates are counted per step, from first_update)."""
+        finite = torch.isfinite(losses)
         if bool(finite.all()):
             self._last_finite = (first_update + losses.numel() - 1, losses[-1])
             return
