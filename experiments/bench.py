@@ -16,7 +16,9 @@ SessionDataModule and preprocessing), then, per config, in a fresh subprocess:
   On CPU it is timed per phase with ``perf_counter`` (data; forward incl. negative
   sampling, zero_grad and the loss gradient; backward; optimiser; other), which costs < 1 us
   per step; on
-  CUDA an extra pass with ``torch.cuda.synchronize`` between phases gives the split.
+  CUDA an extra pass with ``torch.cuda.synchronize`` between phases gives the split, and
+  the timed runs synchronise only at the two ends of their window (both check a chunk's
+  losses one chunk late there, as the module does).
 - **ref**: the plain loop of the *session RNN* of the same setting, the in-run reference.
   Ratios across configs (HRNN / session RNN, 200k / 20k items) are also given normalised
   by each process's own reference, which cancels machine-speed drift between processes.
