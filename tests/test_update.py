@@ -112,6 +112,23 @@ def test_matches_autograd(variant, loss):
     assert g["out_w.weight"].abs().sum() > 0 and g["w_h.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_and_evaluation_steps_give_equal_states(variant):
+    """The hand-written training step and RecurrentCore's step (evaluation) share their
+    ops: a model evaluated on the states it was trained on sees them bit for bit."""
+    core = make_core(variant).float()
+    h0, c0, item, cand, valid, ss, us = inputs(5)
+    h0, c0 = h0.float(), c0.float()
+    rows = (ss & ~us).nonzero().squeeze(1)
+    h, c, st = start_sessions(core, h0, c0, ss, us, rows)
+    h_new, _, _ = forward(core, loss_and_grad("cross-entropy"), item, h, c, cand, valid, st)
+    with torch.no_grad():
+        h_eval, c_eval = core.start_sessions(h0, c0, ss, us, rows)
+        assert torch.equal(h_eval, h) and torch.equal(c_eval, c)
+        assert torch.equal(core.step(item, h_eval, c_eval), h_new)
+    assert not torch.equal(h_new, h)
+
+
 @pytest.mark.parametrize("final_act", ["tanh", "relu"])
 @pytest.mark.parametrize("loss", ["cross-entropy", "top1", "bpr-max"])
 def test_final_activations(final_act, loss):

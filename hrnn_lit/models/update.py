@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hrnn_lit.models.core import RecurrentCore, zero_rows
+from hrnn_lit.models.core import RecurrentCore, gru_gates, zero_rows
 
 LossGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
 
@@ -86,13 +86,8 @@ def _gru(gi: Tensor, gh: Tensor, h_prev: Tensor) -> tuple[Tensor, dict]:
     """GRU cell (torch's gate order r, z, n) from the input and hidden projections gi, gh
     [R, 3K] of the previous state h_prev [R, K]: the new state and what ``_gru_backward``
     needs."""
-    K = h_prev.shape[1]
-    rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])  # [R, 2K]
-    r, z = rz[:, :K], rz[:, K:]
-    h_n = gh[:, 2 * K :]
-    n = torch.tanh(torch.addcmul(gi[:, 2 * K :], r, h_n))  # [R, K]
-    h_new = torch.lerp(n, h_prev, z)  # (1 - z) * n + z * h
-    return h_new, dict(h_prev=h_prev, r=r, z=z, n=n, h_n=h_n)
+    h_new, r, z, n = gru_gates(gi, gh, h_prev)
+    return h_new, dict(h_prev=h_prev, r=r, z=z, n=n, h_n=gh[:, 2 * h_prev.shape[1] :])
 
 
 def _gru_backward(dh: Tensor, g: dict) -> tuple[Tensor, Tensor]:
