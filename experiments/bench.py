@@ -490,7 +490,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
                 update.backward(core, cache)
                 sync()
                 p2 = pc()
-                opt.step()
+                opt.update()  # = opt.step() without torch.optim's wrapper, as ours
                 sync()
                 p3 = pc()
                 losses[t] = loss

@@ -221,6 +221,27 @@ def test_global_step_counts_every_update_on_the_lean_step_path(precision):
     assert counter.hooks == 0  # the per-step dispatch was skipped
 
 
+def test_optimizer_step_hooks_run_on_every_update():
+    """The lean path skips torch.optim's step wrapper only where no step hook is
+    registered: a user's hook (here a post hook registered at fit start) sees every
+    update, and the weights are those of the wrapper-free run."""
+    dm = _small_dm()
+    weights, calls = {}, []
+
+    class Hook(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_post_hook(lambda *a: calls.append(1))
+
+    for hooked in (False, True):
+        torch.manual_seed(0)
+        model = RecurrentRecommender(n_items=dm.n_items, item_counts=dm.item_counts)
+        trainer = _trainer("32-true", max_epochs=1, callbacks=[Hook()] if hooked else [])
+        trainer.fit(model, datamodule=dm)
+        weights[hooked] = model.core.out_w.weight.detach().clone()
+    assert len(calls) == trainer.global_step > 100
+    assert torch.equal(weights[False], weights[True])
+
+
 def test_bf16_mixed_trains_in_float32_and_evaluates_like_float32():
     """trainer.precision=bf16-mixed: parameters and their optimiser state stay float32,
     training moves the weights like float32 does (not bit-equal: the output products are

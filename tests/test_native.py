@@ -1,0 +1,146 @@
+"""The native row-sparse Adagrad kernel: the same bits as torch's fused kernel on gathered
+rows, bounds checked, cached, and a torch fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from hrnn_lit.models import native
+from hrnn_lit.models.optim import SparseRowOptimizer
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A fresh ``native.load`` with its cache under tmp_path; the usual one afterwards."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("HRNN_LIT_NATIVE", raising=False)
+    native.load.cache_clear()
+    yield tmp_path
+    native.load.cache_clear()
+
+
+def torch_rows(p, acc, idx, g, lr, eps, wd):
+    """The torch path: gather, fused Adagrad on the copies, write back."""
+    pr, ar = p.index_select(0, idx), acc.index_select(0, idx)
+    torch._fused_adagrad_(
+        [pr], [g.clone()], [ar], [torch.zeros(())], lr=lr, lr_decay=0.0, weight_decay=wd,
+        eps=eps, maximize=False,
+    )  # fmt: skip
+    p.index_copy_(0, idx, pr)
+    acc.index_copy_(0, idx, ar)
+
+
+@pytest.mark.parametrize("d", [1, 7, 16, 100, 300])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_same_bits_as_torch_fused_adagrad(fresh, d, wd):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    gen = torch.Generator().manual_seed(d)
+    n = 500
+    p = torch.randn(n, d, generator=gen)
+    acc = torch.rand(n, d, generator=gen) * 3
+    ref_p, ref_acc, p0 = p.clone(), acc.clone(), p.clone()
+    for step in range(3):
+        idx = torch.randperm(n, generator=gen)[:123].sort().values
+        g = torch.randn(123, d, generator=gen) * 10 ** (step - 1)
+        assert native.supports(p, acc, idx, g)
+        assert native.adagrad_rows(p, acc, idx, g, 0.1, 1e-6, wd)
+        torch_rows(ref_p, ref_acc, idx, g, 0.1, 1e-6, wd)
+        assert torch.equal(p, ref_p) and torch.equal(acc, ref_acc)
+    assert not torch.equal(p[idx], p0[idx])
+
+
+def test_out_of_range_row_raises_and_writes_nothing(fresh):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    p, acc = torch.randn(10, 4), torch.zeros(10, 4)
+    before = p.clone()
+    for bad in (10, -1):
+        idx = torch.tensor([0, 3, bad])
+        with pytest.raises(IndexError, match=r"outside \[0, 10\)"):
+            native.adagrad_rows(p, acc, idx, torch.ones(3, 4), 0.1, 1e-6, 0.0)
+        assert torch.equal(p, before) and torch.equal(acc, torch.zeros(10, 4))
+
+
+def test_unsupported_tensors_are_left_to_torch():
+    p, acc, idx, g = torch.randn(10, 4), torch.zeros(10, 4), torch.tensor([1, 2]), torch.ones(2, 4)
+    assert native.supports(p, acc, idx, g)
+    assert not native.supports(p.double(), acc.double(), idx, g.double())
+    assert not native.supports(p, acc, idx.int(), g)
+    assert not native.supports(p.T, acc.T, idx, torch.ones(2, 10))  # not row-major
+    assert not native.supports(p, acc, idx, torch.ones(3, 4))
+
+
+def train(steps: int = 8, wd: float = 0.0):
+    """A sparse table and a dense layer under SparseRowOptimizer (plain Adagrad)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, sparse=True)
+    lin = torch.nn.Linear(8, 1)
+    opt = SparseRowOptimizer(
+        list(emb.parameters()) + list(lin.parameters()), lr=0.1, weight_decay=wd
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, 20, (12,), generator=g)  # repeats; rows 20.. untouched
+        opt.zero_grad()
+        (lin(emb(idx)) ** 2).sum().backward()
+        opt.step()
+    return emb.weight.detach().clone(), lin.weight.detach().clone(), opt
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_optimizer_gives_the_same_bits_with_and_without_native(fresh, monkeypatch, wd):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    calls = []
+    real = native.adagrad_rows
+    monkeypatch.setattr(native, "adagrad_rows", lambda *a: calls.append(1) or real(*a))
+    with_native = train(wd=wd)
+    assert len(calls) == 8  # every step's table update went native
+    monkeypatch.setenv("HRNN_LIT_NATIVE", "0")
+    native.load.cache_clear()
+    without = train(wd=wd)
+    assert len(calls) == 16 and native.load() is None  # asked, declined
+    assert torch.equal(with_native[0], without[0]) and torch.equal(with_native[1], without[1])
+    assert not torch.equal(with_native[0][:20], torch.nn.Embedding(50, 8).weight[:20])
+    assert with_native[2].state_dict()["state"].keys() == without[2].state_dict()["state"].keys()
+
+
+def test_without_a_compiler_warns_once_and_trains_with_torch_ops(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-hrnn")
+    with pytest.warns(RuntimeWarning, match="no C compiler 'no-such-compiler-hrnn'"):
+        assert native.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load() is None  # cached: no second warning
+        emb, _, _ = train()
+    monkeypatch.delenv("CC")
+    native.load.cache_clear()
+    if native.load() is not None:
+        assert torch.equal(emb, train()[0])
+
+
+def test_a_failing_build_warns_and_leaves_no_library(fresh, monkeypatch):
+    monkeypatch.setattr(native, "SOURCE", "this is not C;")
+    with pytest.warns(RuntimeWarning, match="failed"):
+        assert native.load() is None
+    assert not list((fresh / "hrnn_lit" / "native").glob("*.so"))
+
+
+def test_the_build_is_cached(fresh, monkeypatch):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    (lib,) = (fresh / "hrnn_lit" / "native").glob("rows-*.so")
+
+    def no_compiler(*a, **k):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    native.load.cache_clear()
+    assert native.load() is not None
+    assert native._build(os.environ.get("CC") or "cc") == lib
