@@ -35,19 +35,29 @@ def torch_rows(p, acc, idx, g, lr, eps, wd):
     acc.index_copy_(0, idx, ar)
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """torch's threads (the kernel splits large updates over them, under OpenMP)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("d", [1, 7, 16, 100, 300])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_same_bits_as_torch_fused_adagrad(fresh, d, wd):
+def test_same_bits_as_torch_fused_adagrad(fresh, threads, d, wd):
     if native.load() is None:
         pytest.skip("no C compiler here")
     gen = torch.Generator().manual_seed(d)
-    n = 500
+    n = 2000  # 1500 rows x d >= 32768 elements: the split path for d >= 22
     p = torch.randn(n, d, generator=gen)
     acc = torch.rand(n, d, generator=gen) * 3
     ref_p, ref_acc, p0 = p.clone(), acc.clone(), p.clone()
     for step in range(3):
-        idx = torch.randperm(n, generator=gen)[:123].sort().values
-        g = torch.randn(123, d, generator=gen) * 10 ** (step - 1)
+        m = (123, 1500, 1)[step]
+        idx = torch.randperm(n, generator=gen)[:m].sort().values
+        g = torch.randn(m, d, generator=gen) * 10 ** (step - 1)
         assert native.supports(p, acc, idx, g)
         assert native.adagrad_rows(p, acc, idx, g, 0.1, 1e-6, wd)
         torch_rows(ref_p, ref_acc, idx, g, 0.1, 1e-6, wd)

@@ -8,9 +8,10 @@ at 1 thread. ``adagrad_rows`` updates the rows where they lie, in one pass.
 
 The kernel is a few lines of plain C (no torch headers), compiled on first use with the
 system C compiler (``$CC``, else ``cc``; ~0.2 s) into a per-user cache and loaded with
-ctypes, which releases the GIL while it runs. Its arithmetic is that of torch's fused CPU
-Adagrad (fused multiply-adds where torch's build has them), so both paths give the same
-bits (tests/test_native.py). Where no compiler is found, the build fails or
+ctypes. Large updates split their rows over torch's OpenMP threads (``_openmp_flags``).
+Its arithmetic is that of torch's fused CPU Adagrad (fused multiply-adds where torch's
+build has them), so both paths give the same bits at any thread count
+(tests/test_native.py). Where no compiler is found, the build fails or
 ``HRNN_LIT_NATIVE=0`` is set, ``load()`` returns None and the optimiser keeps the torch path.
 """
 
@@ -48,6 +49,7 @@ int adagrad_rows(float *p, float *acc, const float *g, const int64_t *idx, int64
                  int64_t n, int64_t d, float lr, float eps, float wd) {
   for (int64_t i = 0; i < m; i++)
     if (idx[i] < 0 || idx[i] >= n) return -1;
+#pragma omp parallel for schedule(static) if (m * d >= 32768)
   for (int64_t i = 0; i < m; i++) {
     float *pr = p + idx[i] * d, *ar = acc + idx[i] * d;
     const float *gr = g + i * d;
@@ -64,6 +66,19 @@ int adagrad_rows(float *p, float *acc, const float *g, const int64_t *idx, int64
 FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
 
 
+def _openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch runs on GNU OpenMP (its ``libgomp.so.1`` is loaded in
+    this process): the library then shares torch's runtime and threads (the same soname
+    resolves to the loaded copy) and splits its rows over ``torch.get_num_threads()``.
+    Elsewhere none (one thread): a second OpenMP runtime's idle threads would take CPU
+    from torch's."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    return ["-fopenmp"] if "/libgomp.so.1" in maps else []
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "hrnn_lit" / "native"
@@ -72,8 +87,9 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """The compiled library, from the cache when the same source, flags, compiler and
     platform built it before; written atomically (concurrent processes may race)."""
+    flags = FLAGS + _openmp_flags()
     key = hashlib.sha256(
-        "\0".join([SOURCE, *FLAGS, cc, platform.machine(), platform.system()]).encode()
+        "\0".join([SOURCE, *flags, cc, platform.machine(), platform.system()]).encode()
     ).hexdigest()[:16]
     lib = _cache_dir() / f"rows-{key}.so"
     if lib.exists():
@@ -83,7 +99,7 @@ def _build(cc: str) -> Path:
         src, out = Path(tmp) / "rows.c", Path(tmp) / "rows.so"
         src.write_text(SOURCE)
         res = subprocess.run(
-            [cc, *FLAGS, str(src), "-o", str(out), "-lm"],
+            [cc, *flags, str(src), "-o", str(out), "-lm"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if res.returncode != 0:
