@@ -4,6 +4,7 @@ rows, bounds checked, cached, and a torch fallback where it cannot be built."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import warnings
 
@@ -154,3 +155,16 @@ def test_the_build_is_cached(fresh, monkeypatch):
     native.load.cache_clear()
     assert native.load() is not None
     assert native._build(os.environ.get("CC") or "cc") == lib
+
+
+def test_a_damaged_cached_build_is_dropped_and_rebuilt(fresh):
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        pytest.skip("no C compiler here")
+    lib = native._build(cc)  # built, not loaded (overwriting a loaded library would crash)
+    lib.write_bytes(b"not a shared library")
+    with pytest.warns(RuntimeWarning, match="unavailable"):
+        assert native.load() is None
+    assert not lib.exists()
+    native.load.cache_clear()
+    assert native.load() is not None and lib.exists()

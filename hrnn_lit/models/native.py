@@ -119,7 +119,12 @@ def load() -> ctypes.CDLL | None:
     try:
         if shutil.which(cc) is None:
             raise RuntimeError(f"no C compiler {cc!r} on PATH")
-        lib = ctypes.CDLL(str(_build(cc)))
+        path = _build(cc)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # a damaged cached build: the next load rebuilds
+            raise
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(
             f"hrnn_lit: native row-sparse Adagrad unavailable ({e}); using torch ops "

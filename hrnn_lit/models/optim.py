@@ -83,13 +83,15 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         return loss
 
     def has_step_hooks(self) -> bool:
-        """Whether step pre/post hooks are registered (on this optimiser or globally)."""
-        return bool(
-            self._optimizer_step_pre_hooks
-            or self._optimizer_step_post_hooks
-            or _torch_optimizer._global_optimizer_pre_hooks
-            or _torch_optimizer._global_optimizer_post_hooks
-        )
+        """Whether step pre/post hooks are registered (on this optimiser or globally); True
+        where this torch keeps them elsewhere (then ``step()`` is the safe call)."""
+        hooks = [
+            getattr(self, "_optimizer_step_pre_hooks", None),
+            getattr(self, "_optimizer_step_post_hooks", None),
+            getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None),
+            getattr(_torch_optimizer, "_global_optimizer_post_hooks", None),
+        ]
+        return any(h is None or len(h) > 0 for h in hooks)
 
     @torch.no_grad()
     def update(self) -> None:
