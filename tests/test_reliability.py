@@ -13,6 +13,7 @@ import pytorch_lightning as lightning
 import torch
 
 from hrnn_lit.errors import NumericalError
+from hrnn_lit.models import native
 from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.run import run
 from tests.conftest import TINY, compose_cfg
@@ -32,6 +33,7 @@ def test_same_seed_same_metrics_and_run_info(tmp_path):
     info = json.loads((tmp_path / "a" / "run_info.json").read_text())
     assert info["seed"] == 0 and info["versions"]["torch"] == torch.__version__
     assert set(info["git"]) == {"revision", "dirty"}
+    assert info["native_row_update"] is (native.load() is not None)
     assert "hidden_size: 16" in (tmp_path / "a" / "config.yaml").read_text()
 
 
