@@ -242,6 +242,41 @@ def test_optimizer_step_hooks_run_on_every_update():
     assert torch.equal(weights[False], weights[True])
 
 
+@pytest.mark.parametrize("name", ["session_rnn", "hrnn_init"])
+def test_training_updates_item_tables_natively_with_the_same_weights(monkeypatch, name):
+    """CPU training updates the touched rows of its three item tables with the native
+    kernel, every update, and ends with the weights of the torch path, bit for bit."""
+    from hrnn_lit.models import native
+
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    dm = _small_dm()
+    real, tables = native.adagrad_rows, []
+    monkeypatch.setattr(native, "adagrad_rows", lambda p, *a: tables.append(p.shape) or real(p, *a))
+    weights = {}
+    for path in ("native", "torch"):
+        if path == "torch":
+            monkeypatch.setenv("HRNN_LIT_NATIVE", "0")
+            native.load.cache_clear()
+        torch.manual_seed(0)
+        model = RecurrentRecommender(
+            n_items=dm.n_items, item_counts=dm.item_counts, name=name, hidden_size=16,
+            user_hidden_size=16, user_propagation="none" if name == "session_rnn" else "init",
+            loss="cross-entropy", n_sample=16, dropout_session=0.1,
+        )  # fmt: skip
+        trainer = _trainer(max_epochs=1)
+        trainer.fit(model, datamodule=dm)
+        weights[path] = {k: v.clone() for k, v in model.state_dict().items()}
+        if path == "native":
+            n = dm.n_items
+            assert sorted(set(tables)) == sorted({(n, 1), (n, 16 * 3), (n, 16)})
+            assert len(tables) == 3 * trainer.global_step > 100
+    native.load.cache_clear()
+    assert weights["native"].keys() == weights["torch"].keys()
+    for k in weights["native"]:
+        assert torch.equal(weights["native"][k], weights["torch"][k]), k
+
+
 def test_bf16_mixed_trains_in_float32_and_evaluates_like_float32():
     """trainer.precision=bf16-mixed: parameters and their optimiser state stay float32,
     training moves the weights like float32 does (not bit-equal: the output products are
