@@ -150,11 +150,11 @@ def start_step(
     return start_sessions(core, h, c, ss, us, batch["next_session_rows"][lo:hi])
 
 
-def _user_level_gradients(core: RecurrentCore, st: dict, dh: Tensor, dc: Tensor | None):
+def _user_level_gradients(core: RecurrentCore, st: dict, dh0: Tensor, dc: Tensor | None):
     """Gradients of the user GRU and the init projection from those of the step's starting
-    states, d h [B, H] and d c [B, U] (None: c was not used by the step)."""
+    states: d h of the rows that started a session, dh0 [R, H] (overwritten), and d c
+    [B, U] (None: c was not used by the step)."""
     rows = st["rows"]
-    dh0 = dh[rows]  # [R, H]
     if st["mask_init"] is not None:
         dh0.mul_(st["mask_init"])
     d_act = _act_derivative(core.init_act_name, st["h0"])
@@ -287,8 +287,9 @@ def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
 
     # ---- the user level, where this step started sessions
     if start is not None:
-        dh_prev = torch.addmm(dh * gru["z"], dgh, core.w_h.weight)  # d h_prev [B, H]
-        grads += _user_level_gradients(core, start, dh_prev, dc)
+        rows = start["rows"]  # d h_prev of the rows that started a session [R, H]
+        dh0 = torch.addmm(dh[rows] * gru["z"][rows], dgh[rows], core.w_h.weight)
+        grads += _user_level_gradients(core, start, dh0, dc)
     return grads
 
 
