@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -168,3 +169,20 @@ def test_a_damaged_cached_build_is_dropped_and_rebuilt(fresh):
     assert not lib.exists()
     native.load.cache_clear()
     assert native.load() is not None and lib.exists()
+
+
+def test_processes_building_at_once_all_get_the_library(fresh):
+    """A first multi-process run (e.g. DDP) builds in every process at once: each compiles
+    in its own temporary folder and moves the result into place atomically."""
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    for lib in (fresh / "hrnn_lit" / "native").glob("*.so"):
+        lib.unlink()  # (loaded here from its old inode; the children build a new one)
+    code = "from hrnn_lit.models import native; import sys; sys.exit(native.load() is None)"
+    env = dict(os.environ, XDG_CACHE_HOME=str(fresh))
+    procs = [
+        subprocess.Popen([sys.executable, "-W", "error", "-c", code], env=env) for _ in range(4)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    assert len(list((fresh / "hrnn_lit" / "native").glob("*.so"))) == 1
+    assert not [p for p in (fresh / "hrnn_lit" / "native").iterdir() if p.is_dir()]
