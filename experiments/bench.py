@@ -412,7 +412,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
     from hrnn_lit.models import update
     from hrnn_lit.models.core import RecurrentCore
     from hrnn_lit.models.graph_step import GraphStep, chunk_inputs
-    from hrnn_lit.models.losses import loss_and_grad
+    from hrnn_lit.models.losses import distinct_loss_and_grad, loss_and_grad
     from hrnn_lit.models.optim import SparseRowOptimizer
     from hrnn_lit.models.sampling import PopularitySampler
 
@@ -420,6 +420,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
     device = torch.device(args.device)
     core = RecurrentCore(n_items, **model_kwargs(s, model)).to(device)
     loss_grad = loss_and_grad(s.loss)
+    distinct_loss = distinct_loss_and_grad(s.loss)
     mm_dtype = torch.bfloat16 if s.precision == "bf16-mixed" else None
     sampler = None
     if s.n_sample > 0:
@@ -483,7 +484,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
                     p.grad = None
                 h, loss, cache = update.forward(
                     core, loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
-                    distinct[t],
+                    distinct[t], distinct_loss,
                 )  # fmt: skip
                 sync()
                 p1 = pc()

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from hrnn_lit.models.losses import bpr, bpr_max, cross_entropy, top1, top1_max
+from hrnn_lit.models.losses import (
+    bpr,
+    bpr_max,
+    cross_entropy,
+    cross_entropy_grad,
+    cross_entropy_grad_distinct,
+    top1,
+    top1_max,
+)
 
 
 def sig(x: float) -> float:
@@ -84,3 +92,35 @@ def test_step_with_only_empty_slots_has_zero_loss_and_finite_grads(loss, n_sampl
     value.backward()
     assert value.item() == 0.0
     assert torch.isfinite(scores.grad).all() and (scores.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cross_entropy_on_distinct_columns_equals_the_full_matrix(dtype):
+    """Scores of the distinct candidates with their multiplicities give the [B, B+S]
+    matrix's loss, and each distinct column's gradient is the sum of its occurrences'.
+    Targets repeat, samples repeat and hit targets; empty slot 3's target (item 9) occurs
+    nowhere else, empty slot 4's (item 2) is also sampled."""
+    g = torch.Generator().manual_seed(0)
+    per_item = torch.randn(6, 12, generator=g, dtype=torch.float64).to(dtype) * 3  # [B, items]
+    tgt = torch.tensor([4, 4, 7, 9, 2, 0])
+    cand = torch.cat([tgt, torch.tensor([2, 7, 11, 11, 4, 5, 2])])
+    valid = torch.tensor([True, True, True, False, False, True])
+    B = tgt.numel()
+    loss, grad, scale = cross_entropy_grad(per_item[:, cand].clone(), valid)
+    full = grad.double() * scale.double()[:, None]  # [B, N]
+    ref = cross_entropy(per_item[:, cand].double(), valid)
+    uniq, inv = torch.unique(cand, return_inverse=True)
+    occurs = torch.ones(cand.numel(), dtype=dtype)
+    occurs[:B] = valid
+    counts = torch.zeros(uniq.numel(), dtype=dtype).index_add_(0, inv, occurs)
+    assert counts.tolist() == [1, 2, 3, 1, 2, 0, 2]  # items 0, 2, 4, 5, 7, 9, 11
+    d_loss, d_grad, d_scale = cross_entropy_grad_distinct(
+        per_item[:, uniq].clone(), valid, inv[:B], counts
+    )
+    got = d_grad.double() * d_scale.double()[:, None]  # [B, M]
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(d_loss.double(), ref, **tol)
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    summed = torch.zeros(B, uniq.numel(), dtype=torch.float64).index_add_(1, inv, full)
+    torch.testing.assert_close(got, summed, **tol)
+    assert (got[:, 5] == 0).all() and (got[3:5] == 0).all()  # item 9; the empty rows

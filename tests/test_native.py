@@ -1,8 +1,10 @@
-"""The native row-sparse Adagrad kernel: the same bits as torch's fused kernel on gathered
-rows, bounds checked, cached, and a torch fallback where it cannot be built."""
+"""The native kernels: row-sparse Adagrad (the same bits as torch's fused kernel on
+gathered rows) and the softmax cross-entropy rows (float64 references, to float32
+rounding); bounds checked, cached, and a torch fallback where they cannot be built."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -86,6 +88,78 @@ def test_unsupported_tensors_are_left_to_torch():
     assert not native.supports(p, acc, idx.int(), g)
     assert not native.supports(p.T, acc.T, idx, torch.ones(2, 10))  # not row-major
     assert not native.supports(p, acc, idx, torch.ones(3, 4))
+
+
+def xent_reference(y, target, bias):
+    """(row losses, gradient rows) in float64: softmax(y + bias) - one-hot(target)."""
+    y = y.double()
+    logits = y if bias is None else y + bias.double()
+    lse = torch.logsumexp(logits, dim=1)
+    rows = torch.arange(y.shape[0])
+    grad = torch.softmax(logits, dim=1)
+    grad[rows, target] -= 1.0
+    return lse - y[rows, target], grad
+
+
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 100, 2176])
+def test_softmax_xent_matches_float64_within_float32_rounding(fresh, threads, m):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    gen = torch.Generator().manual_seed(m)
+    B = 64  # 64 x 2176 rows: split over the threads
+    y = torch.randn(B, m, generator=gen) * 8
+    y[0] = 0.0  # a flat row
+    y[1, 0] = 1e4 if m > 1 else 0.0  # exp underflows for every other column
+    target = torch.randint(0, m, (B,), generator=gen)
+    bias = torch.zeros(m)
+    bias[m // 2] = -1e9  # a masked column
+    if m > 2:
+        bias[1] = math.log(3.0)  # a column that occurs 3 times
+    for b in (None, bias):
+        got = y.clone()
+        row_loss, sums = native.softmax_xent(got, target, b)
+        ref_loss, ref_grad = xent_reference(y, target, b)
+        torch.testing.assert_close(row_loss.double(), ref_loss, rtol=2e-6, atol=1e-5)
+        grad = got.double() / sums.double()[:, None]
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+        assert (sums >= 1).all()
+    if m > 1:
+        keep = target != m // 2  # a masked column's softmax weight is exactly 0
+        assert (got[keep, m // 2] == 0).all()
+
+
+def test_softmax_xent_gives_the_same_bits_at_any_thread_count(fresh):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    y = torch.randn(128, 2176, generator=torch.Generator().manual_seed(0)) * 5
+    target = torch.arange(128)
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = y.clone()
+            runs.append((got, *native.softmax_xent(got, target)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_softmax_xent_checks_its_targets_and_inputs(fresh):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    y = torch.randn(3, 5)
+    before = y.clone()
+    for bad in (5, -1):
+        with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
+            native.softmax_xent(y, torch.tensor([0, bad, 1]))
+        assert torch.equal(y, before)
+    target = torch.tensor([0, 1, 2])
+    assert native.softmax_xent(y.double(), target) is None  # the torch path's
+    assert native.softmax_xent(y.T.contiguous().T, target) is None
+    assert native.softmax_xent(y, target.int()) is None
+    assert native.softmax_xent(y, target, torch.zeros(4)) is None
+    assert torch.equal(y, before)
 
 
 def train(steps: int = 8, wd: float = 0.0):

@@ -10,8 +10,9 @@ import copy
 import pytest
 import torch
 
+from hrnn_lit.models import native
 from hrnn_lit.models.core import RecurrentCore
-from hrnn_lit.models.losses import LOSSES, loss_and_grad
+from hrnn_lit.models.losses import LOSSES, distinct_loss_and_grad, loss_and_grad
 from hrnn_lit.models.update import (
     backward,
     chunk_distinct,
@@ -79,8 +80,9 @@ def dense_grads(core) -> dict[str, torch.Tensor]:
     return out
 
 
-def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5):
-    """(loss, new h, grads) of the autograd reference and of train_step from equal states."""
+def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5, on_distinct=False):
+    """(loss, new h, grads) of the autograd reference and of train_step from equal states
+    (``on_distinct``: the step scores the distinct candidates only)."""
     h0, c0, item, cand, valid, ss, us = inputs(n_sample)
     results = []
     for hand_written in (False, True):
@@ -89,7 +91,9 @@ def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5):
         rows = (ss & ~us).nonzero().squeeze(1)
         if hand_written:
             h, c, st = start_sessions(core, h0, c0, ss, us, rows)
-            h_new, value = train_step(core, loss_and_grad(loss), item, h, c, cand, valid, st)
+            dl = distinct_loss_and_grad(loss) if on_distinct else None
+            args = (item, h, c, cand, valid, st, None, None, dl)
+            h_new, value = train_step(core, loss_and_grad(loss), *args)
         else:
             h, c = core.start_sessions(h0, c0, ss, us, rows)
             h_new = core.step(item, h, c)
@@ -110,6 +114,56 @@ def test_matches_autograd(variant, loss):
     for name in ref_g:
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-12, msg=name)
     assert g["out_w.weight"].abs().sum() > 0 and g["w_h.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("final_act", ["linear", "tanh"])
+def test_cross_entropy_on_distinct_candidates_matches_autograd(variant, final_act):
+    """Scoring each distinct candidate once, with its multiplicity, gives the loss and the
+    gradients of the full [B, B+S] matrix: the inputs repeat targets and samples, a sample
+    equals a target, and the empty slot's target (item 0) occurs nowhere else."""
+    (ref_loss, ref_h, ref_g), (loss_, h, g) = both(
+        variant, "cross-entropy", final_act, dropout=0.25, on_distinct=True
+    )
+    assert loss_.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    torch.testing.assert_close(h, ref_h, rtol=1e-10, atol=1e-12)
+    assert sorted(g) == sorted(ref_g)
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert g["out_w.weight"][0].abs().sum() == 0  # nobody's negative, nobody's target
+    assert distinct_loss_and_grad("top1") is None
+
+
+@pytest.mark.skipif(native.load() is None, reason="no native kernels here")
+@pytest.mark.parametrize("on_distinct", [False, True])
+def test_float32_step_with_the_native_cross_entropy_matches_autograd(monkeypatch, on_distinct):
+    """The float32 step (the native softmax kernel, row sums left in the row scales) against
+    float64 autograd: within float32 rounding."""
+    (ref_loss, _, ref_g), _ = both("hrnn_init_output", "cross-entropy", n_sample=5)
+    calls, kernel = [], native.softmax_xent
+
+    def counted(*args):
+        out = kernel(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native, "softmax_xent", counted)
+    h0, c0, item, cand, valid, ss, us = inputs(5)
+    core = make_core("hrnn_init_output").float()
+    rows = (ss & ~us).nonzero().squeeze(1)
+    h, c, st = start_sessions(core, h0.float(), c0.float(), ss, us, rows)
+    dl = distinct_loss_and_grad("cross-entropy") if on_distinct else None
+    args = (item, h, c, cand, valid, st, None, None, dl)
+    _, value = train_step(core, loss_and_grad("cross-entropy"), *args)
+    assert calls == [True] and value.dtype == torch.float32
+    assert value.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    g = dense_grads(core)
+    assert sorted(g) == sorted(ref_g)
+    for name in ref_g:
+        scale = ref_g[name].abs().max().item()
+        torch.testing.assert_close(
+            g[name].double(), ref_g[name], rtol=0, atol=1e-6 * scale, msg=name
+        )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

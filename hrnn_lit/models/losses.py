@@ -7,7 +7,9 @@ negative for anyone). Each loss averages over valid rows.
 Training needs the loss and its gradient with respect to the scores (``loss_and_grad``):
 cross-entropy and TOP1 have hand-written gradients (a few passes over [B, B+S], no autograd
 graph, the per-row weights returned apart); the other losses get theirs from autograd on the
-score matrix alone.
+score matrix alone. Cross-entropy also has a form on the distinct candidates only
+(``distinct_loss_and_grad``): a step's samples repeat popular items (~8% of (a)'s 2,176
+columns), and the step's products and gathers shrink by as much.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hrnn_lit.models import native
 
 # Masked logits get a large finite value, not -inf: a step whose slots are all empty (DDP
 # padding) then gives a zero loss with zero, finite gradients instead of NaNs.
@@ -97,25 +101,67 @@ def _row_weights(row_valid: Tensor, dtype: torch.dtype) -> Tensor:
     return w / w.sum().clamp(min=1)
 
 
-def cross_entropy_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(cross-entropy, per-row gradient, row weights): d loss / d scores = grad * w[:, None].
-    Overwrites ``scores``.
+def softmax_cross_entropy_grad(
+    scores: Tensor, row_valid: Tensor, target: Tensor | None, col_bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(cross-entropy, per-row gradient, row scales) of the softmax of scores [B, M] +
+    col_bias [M] (None: 0) with the target columns target [B] (None: row b's is column b):
+    the loss is the mean over valid rows of log-sum-exp(logits) - scores[target] (the score
+    before the bias), and d loss / d scores = grad * row_scale[:, None]. Overwrites
+    ``scores``.
 
-    The softmax and two row maxima (``amax``; ``max`` with indices is ~15x slower) over
-    [B, B+S]. Only the [B, B] block of in-batch targets is masked (empty slots' targets are
-    nobody's negative). lse comes from the softmax: p_max = exp(m - lse) >= 1/N never
-    underflows, so lse = m - log(p_max) is exact where log(p_target) could be -inf.
+    Native (``native.softmax_xent``: two passes per row, the normalisation left in the row
+    scales) on CPU float32; elsewhere torch's softmax and two row maxima (``amax``; ``max``
+    with indices is ~15x slower). There lse comes from the softmax: p_max = exp(m - lse)
+    >= 1/M never underflows, so lse = m - log(p_max) is exact where log(p_target) could be
+    -inf.
     """
     B = scores.shape[0]
-    scores[:, :B].masked_fill_(~row_valid, _MASKED)  # a valid row keeps its target
-    pos = scores.diagonal().clone()
+    w = _row_weights(row_valid, scores.dtype)
+    if scores.device.type == "cpu":
+        t = torch.arange(B) if target is None else target
+        out = native.softmax_xent(scores, t, col_bias)
+        if out is not None:
+            row_loss, sums = out
+            return row_loss @ w, scores, w / sums
+    if target is None:  # (views: no indexing ops, for CUDA graphs)
+        pos = scores.diagonal().clone()
+    else:
+        rows = torch.arange(B, device=scores.device)
+        pos = scores[rows, target]
+    if col_bias is not None:
+        scores.add_(col_bias)
     m = scores.amax(1)
     p = torch.softmax(scores, dim=1)
     lse = m - torch.log(p.amax(1))
-    w = _row_weights(row_valid, scores.dtype)
-    loss = ((lse - pos) * w).sum()
-    p.diagonal().sub_(1.0)  # softmax - one-hot(target)
-    return loss, p, w
+    if target is None:  # softmax - one-hot(target)
+        p.diagonal().sub_(1.0)
+    else:
+        p[rows, target] -= 1.0
+    return ((lse - pos) * w).sum(), p, w
+
+
+def cross_entropy_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(cross-entropy, per-row gradient, row scales) on [B, B+S]: d loss / d scores =
+    grad * scale[:, None]. Overwrites ``scores``. Empty slots' target columns get the
+    masking bias (nobody's negative); a valid row keeps its own."""
+    B, N = scores.shape
+    col_bias = scores.new_zeros(N)
+    col_bias[:B].masked_fill_(~row_valid, _MASKED)
+    return softmax_cross_entropy_grad(scores, row_valid, None, col_bias)
+
+
+def cross_entropy_grad_distinct(
+    scores: Tensor, row_valid: Tensor, target: Tensor, counts: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``cross_entropy_grad`` of [B, B+S] scores given only their distinct columns: scores
+    [B, M] of the M distinct candidates, each row's target among them target [B], and each
+    one's number of occurrences among the valid columns counts [M] (the slots' targets of
+    valid slots, then the samples). A column that occurs k times adds k exp(s) to the
+    softmax's sum, i.e. its logit gets + log k (0 occurrences: masked), and its gradient is
+    the sum of its occurrences'. Overwrites ``scores``."""
+    col_bias = counts.log().clamp_(min=_MASKED)
+    return softmax_cross_entropy_grad(scores, row_valid, target, col_bias)
 
 
 def top1_grad(scores: Tensor, row_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -158,6 +204,13 @@ LOSSES = {
 }
 
 _GRADS = {"cross-entropy": cross_entropy_grad, "top1": top1_grad}
+
+
+def distinct_loss_and_grad(name: str, **kwargs):
+    """The loss ``name``'s gradient on distinct candidates only (``cross_entropy_grad_distinct``:
+    ``f(scores, row_valid, target, counts) -> (loss, grad, row_scale)``), or None where
+    the loss has no such form (its terms are not a function of column multiplicities)."""
+    return cross_entropy_grad_distinct if name == "cross-entropy" and not kwargs else None
 
 
 def loss_and_grad(name: str, **kwargs):

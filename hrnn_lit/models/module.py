@@ -29,7 +29,7 @@ from hrnn_lit.evaluation.replay import replay_scored
 from hrnn_lit.models import update
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_support
-from hrnn_lit.models.losses import loss_and_grad
+from hrnn_lit.models.losses import distinct_loss_and_grad, loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.models.sampling import PopularitySampler
 
@@ -98,7 +98,10 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             dropout_user=dropout_user,
             dropout_init=dropout_init,
         )
-        self.loss_grad = loss_and_grad(loss, **({"bpreg": bpreg} if loss == "bpr-max" else {}))
+        loss_kwargs = {"bpreg": bpreg} if loss == "bpr-max" else {}
+        self.loss_grad = loss_and_grad(loss, **loss_kwargs)
+        # eager steps score each distinct candidate once where the loss allows it
+        self.distinct_loss_grad = distinct_loss_and_grad(loss, **loss_kwargs)
         counts = np.ones(n_items, np.int64) if item_counts is None else np.asarray(item_counts)
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
@@ -294,7 +297,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
                 p.grad = None
             h, loss, cache = update.forward(
                 self.core, self.loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
-                distinct[t],
+                distinct[t], self.distinct_loss_grad,
             )  # fmt: skip
             update.backward(self.core, cache)
             if self._world_size > 1:  # data-parallel: average gradients over ranks

@@ -1,4 +1,5 @@
-"""Optional native CPU kernel for the optimiser's row-sparse Adagrad step.
+"""Optional native CPU kernels: the optimiser's row-sparse Adagrad step and the softmax
+cross-entropy of a training step's score rows.
 
 torch has no in-place "update these rows" kernel: the torch path gathers the touched rows of
 a table and of its accumulator, runs the fused Adagrad kernel on the copies and writes both
@@ -6,13 +7,19 @@ back with ``index_copy_`` (an element-wise kernel, ~2.5x slower than the gather)
 output table that is four passes over ~2,000 random 400-byte rows and ~1.2 ms of a 5 ms step
 at 1 thread. ``adagrad_rows`` updates the rows where they lie, in one pass.
 
-The kernel is a few lines of plain C (no torch headers), compiled on first use with the
+The cross-entropy's torch path makes six passes over the [B, N] scores (mask, two row
+maxima, a three-pass softmax, the target's one-hot); ``softmax_xent_rows`` makes two per
+row while the row sits in L1 (maximum; exp and sum) and leaves the normalisation to the
+caller's row weights. Its exp is Cephes' single-precision polynomial (within 2 ulp of
+torch's), so its results match torch's to rounding, not bit for bit.
+
+The kernels are a few lines of plain C (no torch headers), compiled on first use with the
 system C compiler (``$CC``, else ``cc``; ~0.2 s) into a per-user cache and loaded with
-ctypes. Large updates split their rows over torch's OpenMP threads (``_openmp_flags``).
-Its arithmetic is that of torch's fused CPU Adagrad (fused multiply-adds where torch's
-build has them), so both paths give the same bits at any thread count
+ctypes. Large calls split their rows over torch's OpenMP threads (``_openmp_flags``).
+The Adagrad arithmetic is that of torch's fused CPU Adagrad (fused multiply-adds where
+torch's build has them), so both paths give the same bits at any thread count
 (tests/test_native.py). Where no compiler is found, the build fails or
-``HRNN_LIT_NATIVE=0`` is set, ``load()`` returns None and the optimiser keeps the torch path.
+``HRNN_LIT_NATIVE=0`` is set, ``load()`` returns None and the callers keep the torch path.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from torch import Tensor
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -59,6 +67,70 @@ int adagrad_rows(float *p, float *acc, const float *g, const int64_t *idx, int64
       ar[j] = a;
       pr[j] = pr[j] - (lr * gj) / (sqrtf(a) + eps);
     }
+  }
+  return 0;
+}
+
+/* exp(x) for x <= 0: Cephes' expf polynomial (within 2 ulp); 0 below -87 (no denormals). */
+static inline float exp_nonpos(float x) {
+  float xc = x < -87.0f ? -87.0f : x;
+  float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+  float r = fmaf(k, -0.693359375f, xc);
+  r = fmaf(k, 2.12194440e-4f, r);
+  float q = 1.9875691500e-4f;
+  q = fmaf(q, r, 1.3981999507e-3f);
+  q = fmaf(q, r, 8.3334519073e-3f);
+  q = fmaf(q, r, 4.1665795894e-2f);
+  q = fmaf(q, r, 1.6666665459e-1f);
+  q = fmaf(q, r, 5.0000001201e-1f);
+  q = fmaf(q, r * r, r) + 1.0f;
+  int32_t bits = ((int32_t)k + 127) << 23; /* 2^k */
+  float scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : q * scale;
+}
+
+#define LANES 16 /* partial maxima and sums: one vector, the same order on every target */
+
+/* Softmax cross-entropy of the rows of y [b, m] (row-major) with logits y + bias (bias
+   [m], or NULL for none) and target columns target[b]. Overwrites row i of y with
+   e = exp(logit - max) and subtracts the row's sum s from e[target], so that the gradient
+   of the row's loss is y[i] / s; writes sums[i] = s and row_loss[i] = max + log s -
+   y[i, target] (the score before the bias). Returns 0, or -1 (nothing written) if a target
+   is outside [0, m). */
+CLONES
+int softmax_xent_rows(float *y, const float *bias, const int64_t *target, int64_t b,
+                      int64_t m, float *sums, float *row_loss) {
+  for (int64_t i = 0; i < b; i++)
+    if (target[i] < 0 || target[i] >= m) return -1;
+#pragma omp parallel for schedule(static) if (b * m >= 65536)
+  for (int64_t i = 0; i < b; i++) {
+    float *row = y + i * m;
+    float pos = row[target[i]], top = -INFINITY, s = 0.0f;
+    float mx[LANES], sm[LANES];
+    for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f;
+    if (bias)
+      for (int64_t j = 0; j < m; j++) row[j] += bias[j];
+    int64_t j = 0;
+    for (; j + LANES <= m; j += LANES)
+      for (int l = 0; l < LANES; l++) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
+    for (int l = 0; j + l < m; l++) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
+    for (int l = 0; l < LANES; l++) top = mx[l] > top ? mx[l] : top;
+    for (j = 0; j + LANES <= m; j += LANES)
+      for (int l = 0; l < LANES; l++) {
+        float e = exp_nonpos(row[j + l] - top);
+        row[j + l] = e;
+        sm[l] += e;
+      }
+    for (int l = 0; j + l < m; l++) {
+      float e = exp_nonpos(row[j + l] - top);
+      row[j + l] = e;
+      sm[l] += e;
+    }
+    for (int l = 0; l < LANES; l++) s += sm[l];
+    row[target[i]] -= s;
+    sums[i] = s;
+    row_loss[i] = top + logf(s) - pos;
   }
   return 0;
 }
@@ -127,7 +199,7 @@ def load() -> ctypes.CDLL | None:
             raise
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(
-            f"hrnn_lit: native row-sparse Adagrad unavailable ({e}); using torch ops "
+            f"hrnn_lit: native CPU kernels unavailable ({e}); using torch ops "
             "(slower CPU training; set HRNN_LIT_NATIVE=0 to silence)",
             RuntimeWarning,
             stacklevel=2,
@@ -135,6 +207,9 @@ def load() -> ctypes.CDLL | None:
         return None
     f = lib.adagrad_rows
     f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float] * 3
+    f.restype = ctypes.c_int
+    f = lib.softmax_xent_rows
+    f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
     f.restype = ctypes.c_int
     return lib
 
@@ -171,3 +246,36 @@ def adagrad_rows(
     if rc != 0:
         raise IndexError(f"adagrad_rows: a row index is outside [0, {n})")
     return True
+
+
+def softmax_xent(
+    y: Tensor, target: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
+    """Softmax cross-entropy of the rows of y [B, M] (CPU float32, contiguous; overwritten)
+    with logits y + bias [M] and target columns target [B] (int64): (row losses [B], row
+    sums s [B]), with y set to the rows' loss gradients times s. None (y untouched) where
+    the library is unavailable or the tensors are not of that kind."""
+    if not (
+        y.device.type == "cpu"
+        and y.dtype == torch.float32
+        and y.dim() == 2
+        and y.is_contiguous()
+        and target.dtype == torch.int64
+        and target.shape == (y.shape[0],)
+        and (bias is None or (bias.dtype == torch.float32 and bias.shape == (y.shape[1],)))
+    ):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    B, M = y.shape
+    target = target.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    sums, row_loss = y.new_empty(B), y.new_empty(B)
+    rc = lib.softmax_xent_rows(
+        y.data_ptr(), None if bias is None else bias.data_ptr(), target.data_ptr(), B, M,
+        sums.data_ptr(), row_loss.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise IndexError(f"softmax_xent_rows: a target column is outside [0, {M})")
+    return row_loss, sums

@@ -25,6 +25,7 @@ from torch import Tensor
 from hrnn_lit.models.core import RecurrentCore, gru_gates, zero_rows
 
 LossGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
+DistinctLossGrad = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 def _act_derivative(name: str, y: Tensor) -> Tensor | None:
@@ -187,6 +188,7 @@ def forward(
     start: dict | None = None,
     mm_dtype: torch.dtype | None = None,
     distinct: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    distinct_loss: DistinctLossGrad | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Session-GRU step on input items [B] from states h [B, H], c [B, U] (``start``: the
     cache of ``start_sessions`` when it ran before this step), scores of the candidates [N]
@@ -197,7 +199,9 @@ def forward(
     magnitude 20 is off by up to 0.06, a 6% change of its softmax weight, while the scores'
     gradients (ds) are bounded by 1 and take the rounding as noise. ``distinct``: the
     (values, inverse) of ``torch.unique`` of the candidates and of the items, when known
-    (``chunk_unique``); None: computed in ``backward``."""
+    (``chunk_unique``); None: computed in ``backward``. ``distinct_loss``
+    (``losses.distinct_loss_and_grad``): score each distinct candidate once, with its
+    multiplicity (the same loss and gradients; ``loss_grad`` is then unused)."""
     H, B = core.hidden_size, item.numel()
     gi = core.item_in.weight.index_select(0, item).add_(core.bias_in)  # [B, 3H]
     gh = torch.addmm(core.w_h.bias, h, core.w_h.weight.T)  # [B, 3H]
@@ -207,16 +211,28 @@ def forward(
 
     mask = _dropout_mask(core.drop_session, h_new)
     h_out = h_new if mask is None else h_new * mask
-    w_out = core.out_w.weight.index_select(0, candidates)  # [N, H]
-    b_out = core.out_b.weight.index_select(0, candidates).view(-1)  # [N]
+    scored = candidates  # the score matrix's columns [N], or the distinct ones [M]
+    if distinct_loss is not None:
+        if distinct is None:
+            distinct = tuple(torch.unique(x, return_inverse=True) for x in (candidates, item))
+        scored = distinct[0][0]
+    w_out = core.out_w.weight.index_select(0, scored)  # [N, H]
+    b_out = core.out_b.weight.index_select(0, scored).view(-1)  # [N]
     s = torch.addmm(b_out, h_out, w_out.T)  # [B, N]
     u_out = None
     if core.user_to_output:
-        u_out = core.out_u.weight.index_select(0, candidates)  # [N, U]
+        u_out = core.out_u.weight.index_select(0, scored)  # [N, U]
         s.addmm_(c, u_out.T)
     y = core.final_act(s)
     d_act = _act_derivative(core.final_act_name, y)
-    loss, ds, row_scale = loss_grad(y, valid)  # may overwrite y; loss: mean over valid slots
+    if distinct_loss is None:  # may overwrite y; loss: mean over valid slots
+        loss, ds, row_scale = loss_grad(y, valid)
+    else:
+        inv = distinct[0][1]  # each candidate's column [N]
+        occurs = torch.ones(inv.shape, dtype=y.dtype, device=y.device)
+        occurs[:B] = valid  # an empty slot's target is nobody's negative
+        counts = y.new_zeros(scored.numel()).index_add_(0, inv, occurs)  # [M]
+        loss, ds, row_scale = distinct_loss(y, valid, inv[:B], counts)
     if d_act is not None:
         ds.mul_(d_act)  # [B, N]
     # the update weighs each slot alike, an empty one as zero: a step with few valid slots
@@ -227,7 +243,7 @@ def forward(
     cache = dict(
         c=c, item=item, candidates=candidates, gru=gru, mask=mask, h_out=h_out,
         w_out=w_out, u_out=u_out, ds=ds, r=r, start=start, mm_dtype=mm_dtype,
-        distinct=distinct,
+        distinct=distinct, on_distinct=distinct_loss is not None,
     )  # fmt: skip
     return h_new, loss, cache
 
@@ -250,6 +266,10 @@ def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
             torch.unique(cache[k], return_inverse=True) for k in ("candidates", "item")
         )
     (uniq, inv), (in_uniq, in_inv) = distinct
+
+    def out_rows(g: Tensor) -> Tensor:  # per score column [N, D] -> per distinct item [M, D]
+        return g if cache["on_distinct"] else _row_sums(uniq, inv, g)
+
     db = ds.T @ r  # [N, 1], in ds's dtype
     lp = cache["mm_dtype"]  # the two [B, N] products' dtype (None: ds's own)
     ds_lp = ds if lp is None else ds.to(lp)
@@ -259,14 +279,14 @@ def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
 
     g_w = mm(ds_lp.T, cache["h_out"] * r)  # [N, H]
     grads = [
-        (core.out_w.weight, uniq, _row_sums(uniq, inv, g_w)),
-        (core.out_b.weight, uniq, _row_sums(uniq, inv, db)),
+        (core.out_w.weight, uniq, out_rows(g_w)),
+        (core.out_b.weight, uniq, out_rows(db)),
     ]
     dh = mm(ds_lp, cache["w_out"]).mul_(r)  # [B, H]
     dc = None
     if core.user_to_output:
         g_u = mm(ds_lp.T, c * r)  # [N, U]
-        grads.append((core.out_u.weight, uniq, _row_sums(uniq, inv, g_u)))
+        grads.append((core.out_u.weight, uniq, out_rows(g_u)))
         dc = mm(ds_lp, cache["u_out"]).mul_(r)  # [B, U]
     if cache["mask"] is not None:
         dh.mul_(cache["mask"])
