@@ -474,7 +474,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
                     losses[t] = gs.step(ids[t], flags[t])
                 h, c = gs.state()
             else:
-                distinct = update.chunk_distinct(cand, inp, n_items)
+                distinct = update.chunk_distinct(cand, inp, valid, n_items)
             sync()
             t_fwd += pc() - a
             for t in range(T if gs is None else 0):  # the eager updates

@@ -280,9 +280,12 @@ def test_chunk_unique_equals_torch_unique_per_row():
         ref_values, ref_inverse = torch.unique(x[t], return_inverse=True)
         assert torch.equal(values[offsets[t] : offsets[t + 1]], ref_values)
         assert torch.equal(inverse[t], ref_inverse)
-    steps = chunk_distinct(x, x[:, :9].flip(1), 30)  # candidates, items of each step
+    valid = torch.rand(7, 9, generator=g) < 0.7
+    steps = chunk_distinct(x, x[:, :9].flip(1), valid, 30)  # candidates, items, valid slots
     assert len(steps) == x.shape[0]
-    for t, ((c_values, c_inverse), (i_values, i_inverse)) in enumerate(steps):
+    for t, ((c_values, c_inverse, counts), (i_values, i_inverse)) in enumerate(steps):
+        valid_columns = torch.cat([x[t, :9][valid[t]], x[t, 9:]])  # empty slots' targets out
+        assert torch.equal(counts, (valid_columns[:, None] == c_values).sum(0))
         for got, ref in (
             ((c_values, c_inverse), torch.unique(x[t], return_inverse=True)),
             (
@@ -293,15 +296,17 @@ def test_chunk_unique_equals_torch_unique_per_row():
             assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
-def test_precomputed_distinct_rows_give_the_same_gradients():
+@pytest.mark.parametrize("loss", ["top1", "cross-entropy"])
+def test_precomputed_distinct_rows_give_the_same_gradients(loss):
     h, c, item, cand, valid, *_ = inputs(5)
     runs = []
     for precomputed in (False, True):
         core = make_core("hrnn_init_output")
         distinct = None
         if precomputed:
-            (distinct,) = chunk_distinct(cand[None], item[None], N_ITEMS)
-        step = forward(core, loss_and_grad("top1"), item, h, c, cand, valid, None, None, distinct)
+            (distinct,) = chunk_distinct(cand[None], item[None], valid[None], N_ITEMS)
+        args = (item, h, c, cand, valid, None, None, distinct, distinct_loss_and_grad(loss))
+        step = forward(core, loss_and_grad(loss), *args)
         backward(core, step[2])
         runs.append(dense_grads(core))
     assert runs[0].keys() == runs[1].keys()

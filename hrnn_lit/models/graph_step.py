@@ -182,7 +182,7 @@ class GraphStep:
         h, c, start = start_sessions_masked(core, self.h, self.c, ss, us)
         h_new, loss, cache = update.forward(
             core, self.loss_grad, item, h, c, cand, valid, start, self.mm_dtype,
-            ((c_val, c_inv), (i_val, i_inv)),
+            ((c_val, c_inv, None), (i_val, i_inv)),  # (counts: scores every column)
         )  # fmt: skip
         masks = {}  # what must not decay: pad rows, and the user level at steps without starts
         if any(g["weight_decay"] for g in self.opt.param_groups):

@@ -160,7 +160,7 @@ def cross_entropy_grad_distinct(
     valid slots, then the samples). A column that occurs k times adds k exp(s) to the
     softmax's sum, i.e. its logit gets + log k (0 occurrences: masked), and its gradient is
     the sum of its occurrences'. Overwrites ``scores``."""
-    col_bias = counts.log().clamp_(min=_MASKED)
+    col_bias = counts.to(scores.dtype).log_().clamp_(min=_MASKED)
     return softmax_cross_entropy_grad(scores, row_valid, target, col_bias)
 
 

@@ -290,7 +290,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         params = list(self.parameters())
         inp, valid = batch["input"], batch["valid"]
         B, n_sample = inp.shape[1], cand.shape[1] - inp.shape[1]
-        distinct = update.chunk_distinct(cand, inp, self.core.out_w.num_embeddings)
+        distinct = update.chunk_distinct(cand, inp, valid, self.core.out_w.num_embeddings)
         for t in range(inp.shape[0]):
             h, c, start = update.start_step(self.core, batch, t, h, c)
             for p in params:  # = opt.zero_grad(set_to_none=True)

@@ -62,14 +62,39 @@ def chunk_unique(x: Tensor, n: int) -> tuple[Tensor, Tensor, list[int]]:
     return keys - row * n, inverse - starts[:-1, None], starts.tolist()
 
 
-def chunk_distinct(
-    candidates: Tensor, items: Tensor, n: int
-) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
-    """``forward``'s ``distinct`` for every time step of a chunk: candidates [T, N] and
-    input items [T, B] (values in [0, n)) through ``chunk_unique``, one call each."""
+def _counts(inverse: Tensor, valid: Tensor, size: int) -> Tensor:
+    """How often each of ``size`` distinct candidates occurs among the valid columns (the
+    B slots' targets where valid [..., B], then the samples), from each column's index
+    into them, inverse [..., N] (indices over all rows when batched): int64 [size]."""
+    occurs = torch.ones_like(inverse)
+    occurs[..., : valid.shape[-1]] = valid
+    return torch.zeros(size, dtype=torch.long, device=inverse.device).index_add_(
+        0, inverse.reshape(-1), occurs.reshape(-1)
+    )
+
+
+Distinct = tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def step_distinct(candidates: Tensor, items: Tensor, valid: Tensor) -> Distinct:
+    """A step's distinct candidates (values [M], each candidate's index into them [N],
+    their counts among the valid columns [M]) and distinct input items (values, inverse)."""
+    values, inverse = torch.unique(candidates, return_inverse=True)
+    counts = _counts(inverse, valid, values.numel())
+    return (values, inverse, counts), torch.unique(items, return_inverse=True)
+
+
+def chunk_distinct(candidates: Tensor, items: Tensor, valid: Tensor, n: int) -> list[Distinct]:
+    """``step_distinct`` for every time step of a chunk: candidates [T, N], input items and
+    valid slots [T, B] (values in [0, n)), through ``chunk_unique``, one call each."""
     (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (chunk_unique(v, n) for v in (candidates, items))
+    offsets = torch.tensor(c_off[:-1], device=c_inv.device)[:, None]  # [T, 1]
+    counts = _counts(c_inv + offsets, valid, c_val.numel())
     return [
-        ((c_val[c_off[t] : c_off[t + 1]], c_inv[t]), (i_val[i_off[t] : i_off[t + 1]], i_inv[t]))
+        (
+            (c_val[c_off[t] : c_off[t + 1]], c_inv[t], counts[c_off[t] : c_off[t + 1]]),
+            (i_val[i_off[t] : i_off[t + 1]], i_inv[t]),
+        )
         for t in range(candidates.shape[0])
     ]
 
@@ -187,7 +212,7 @@ def forward(
     valid: Tensor,
     start: dict | None = None,
     mm_dtype: torch.dtype | None = None,
-    distinct: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    distinct: Distinct | None = None,
     distinct_loss: DistinctLossGrad | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Session-GRU step on input items [B] from states h [B, H], c [B, U] (``start``: the
@@ -214,7 +239,7 @@ def forward(
     scored = candidates  # the score matrix's columns [N], or the distinct ones [M]
     if distinct_loss is not None:
         if distinct is None:
-            distinct = tuple(torch.unique(x, return_inverse=True) for x in (candidates, item))
+            distinct = step_distinct(candidates, item, valid)
         scored = distinct[0][0]
     w_out = core.out_w.weight.index_select(0, scored)  # [N, H]
     b_out = core.out_b.weight.index_select(0, scored).view(-1)  # [N]
@@ -227,11 +252,8 @@ def forward(
     d_act = _act_derivative(core.final_act_name, y)
     if distinct_loss is None:  # may overwrite y; loss: mean over valid slots
         loss, ds, row_scale = loss_grad(y, valid)
-    else:
-        inv = distinct[0][1]  # each candidate's column [N]
-        occurs = torch.ones(inv.shape, dtype=y.dtype, device=y.device)
-        occurs[:B] = valid  # an empty slot's target is nobody's negative
-        counts = y.new_zeros(scored.numel()).index_add_(0, inv, occurs)  # [M]
+    else:  # the slots' targets' columns, the columns' multiplicities
+        _, inv, counts = distinct[0]
         loss, ds, row_scale = distinct_loss(y, valid, inv[:B], counts)
     if d_act is not None:
         ds.mul_(d_act)  # [B, N]
@@ -243,7 +265,7 @@ def forward(
     cache = dict(
         c=c, item=item, candidates=candidates, gru=gru, mask=mask, h_out=h_out,
         w_out=w_out, u_out=u_out, ds=ds, r=r, start=start, mm_dtype=mm_dtype,
-        distinct=distinct, on_distinct=distinct_loss is not None,
+        valid=valid, distinct=distinct, on_distinct=distinct_loss is not None,
     )  # fmt: skip
     return h_new, loss, cache
 
@@ -262,10 +284,8 @@ def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
     # ---- output layer (the step's gradient of the scores is ds * r: r scales the rows)
     distinct = cache["distinct"]
     if distinct is None:
-        distinct = tuple(
-            torch.unique(cache[k], return_inverse=True) for k in ("candidates", "item")
-        )
-    (uniq, inv), (in_uniq, in_inv) = distinct
+        distinct = step_distinct(cache["candidates"], cache["item"], cache["valid"])
+    (uniq, inv, _), (in_uniq, in_inv) = distinct
 
     def out_rows(g: Tensor) -> Tensor:  # per score column [N, D] -> per distinct item [M, D]
         return g if cache["on_distinct"] else _row_sums(uniq, inv, g)
