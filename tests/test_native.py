@@ -162,6 +162,90 @@ def test_softmax_xent_checks_its_targets_and_inputs(fresh):
     assert torch.equal(y, before)
 
 
+def gru_reference(gi, gh, h):
+    """(h_new, rz, n) in float64 with torch's ops."""
+    gi, gh, h = gi.double(), gh.double(), h.double()
+    K = h.shape[1]
+    rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])
+    n = torch.tanh(gi[:, 2 * K :] + rz[:, :K] * gh[:, 2 * K :])
+    return n + rz[:, K:] * (h - n), rz, n
+
+
+def gru_inputs(R: int, K: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    gi = torch.randn(R, 3 * K, generator=gen) * 4
+    gh = torch.randn(R, 3 * K, generator=gen) * 4
+    gh[0] = 0.0  # row 0's gate arguments are gi's: tiny, at tanh's branch point, saturated
+    gi[0, 2 * K : 2 * K + 6] = torch.tensor([1e-7, -3e-5, 0.6249, -0.6251, 30.0, -100.0])[:K]
+    gi[0, : min(6, 2 * K)] = torch.tensor([1e-7, -3e-5, 0.5, -200.0, 90.0, 0.0])[: 2 * K]
+    return gi, gh, torch.randn(R, K, generator=gen)
+
+
+@pytest.mark.parametrize("K", [1, 5, 16, 100])
+def test_gru_forward_rounds_like_torch(fresh, K):
+    """Each gate within 2 float32 epsilons (relative) of float64 on the same float32
+    arguments (torch's own float32 sigmoid and tanh: within 1), h_new to 1e-5."""
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    gi, gh, h = gru_inputs(64, K)
+    got = native.gru_forward(gi, gh, h)
+    ref = gru_reference(gi, gh, h)
+    # the gates' arguments as float32 sums (what both float32 paths see), then float64
+    rz_arg = gi[:, : 2 * K] + gh[:, : 2 * K]
+    n_arg = torch.addcmul(gi[:, 2 * K :], got[1][:, :K], gh[:, 2 * K :])
+    eps = torch.finfo(torch.float32).eps
+    for x, ref_x in ((got[1], torch.sigmoid(rz_arg.double())), (got[2], n_arg.double().tanh())):
+        torch.testing.assert_close(x.double(), ref_x, rtol=2 * eps, atol=1e-30)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=0, atol=1e-5)
+    assert got[2][0, 0] == pytest.approx(1e-7, rel=1e-6)  # tanh(x) = x to the last bits
+    assert ((got[1] >= 0) & (got[1] <= 1)).all() and (got[2].abs() <= 1).all()
+
+
+def test_gru_backward_matches_torch_ops(fresh):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    from hrnn_lit.models import update
+
+    gi, gh, h = gru_inputs(32, 7)
+    dh = torch.randn(32, 7, generator=torch.Generator().manual_seed(1))
+    h_new, g = update._gru(gi, gh, h)
+    got = native.gru_backward(dh, h, g["rz"], g["n"], gh)
+    torch_path = update._gru_backward(dh.double(), {k: v.double() for k, v in g.items()})
+    for a, b in zip(got, torch_path):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+    assert native.gru_backward(dh.double(), h, g["rz"], g["n"], gh) is None
+
+
+def test_gru_rows_do_not_depend_on_the_other_rows_or_threads(fresh):
+    """Evaluation steps subsets of the rows (evaluation/replay.py): a row's bits must not
+    depend on which rows it is stepped with, nor on the thread count (the kernels split
+    large calls over threads)."""
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    gi, gh, h = gru_inputs(1024, 100)  # 102,400 elements: the threaded path
+    dh = torch.randn(1024, 100, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fwd = native.gru_forward(gi, gh, h)
+            runs.append((*fwd, *native.gru_backward(dh, h, fwd[1], fwd[2], gh)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    rows = torch.tensor([3, 500, 1023])
+    sub = native.gru_forward(gi[rows], gh[rows], h[rows])
+    assert all(torch.equal(a, b[rows]) for a, b in zip(sub, runs[0]))
+
+
+def test_gru_kernels_leave_unsupported_tensors_to_torch(fresh):
+    gi, gh, h = gru_inputs(4, 3)
+    assert native.gru_forward(gi.double(), gh.double(), h.double()) is None
+    assert native.gru_forward(gi[:, :6], gh[:, :6], h) is None  # wrong width
+    assert native.gru_forward(gi, gh, torch.randn(4, 6)[:, :3]) is None  # not contiguous
+
+
 def train(steps: int = 8, wd: float = 0.0):
     """A sparse table and a dense layer under SparseRowOptimizer (plain Adagrad)."""
     torch.manual_seed(0)

@@ -19,20 +19,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hrnn_lit.models import native
+
 PROPAGATIONS = ("none", "init", "all")
 RESETS = ("session", "user")
 ACTIVATIONS = {"linear": lambda x: x, "tanh": torch.tanh, "relu": torch.relu}
 
 
-def gru_gates(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def gru_gates(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """GRU cell (torch's gate order r, z, n) from the input and hidden projections gi, gh
-    [R, 3K] (biases included) of the state h [R, K]: (new state, r, z, n), each [R, K].
-    The session GRU and the user GRU, in training and evaluation, all step through here."""
+    [R, 3K] (biases included) of the state h [R, K]: (new state [R, K], the gates
+    rz = [r, z] [R, 2K], the candidate n [R, K]). The session GRU and the user GRU, in
+    training and evaluation, all step through here: on CPU float32 through one native pass
+    (``native.gru_forward``: its sigmoid and tanh round like torch's, not bit for bit),
+    elsewhere through torch's ops."""
+    out = native.gru_forward(gi, gh, h) if h.device.type == "cpu" else None
+    if out is not None:
+        return out
     K = h.shape[1]
     rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])  # [R, 2K]
-    r, z = rz[:, :K], rz[:, K:]
-    n = torch.tanh(torch.addcmul(gi[:, 2 * K :], r, gh[:, 2 * K :]))  # [R, K]
-    return torch.lerp(n, h, z), r, z, n  # (1 - z) * n + z * h
+    n = torch.tanh(torch.addcmul(gi[:, 2 * K :], rz[:, :K], gh[:, 2 * K :]))  # [R, K]
+    return torch.lerp(n, h, rz[:, K:]), rz, n  # (1 - z) * n + z * h
 
 
 def zero_rows(x: Tensor, rows: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hrnn_lit.models import native
 from hrnn_lit.models.core import RecurrentCore, gru_gates, zero_rows
 
 LossGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
@@ -112,19 +113,25 @@ def _gru(gi: Tensor, gh: Tensor, h_prev: Tensor) -> tuple[Tensor, dict]:
     """GRU cell (torch's gate order r, z, n) from the input and hidden projections gi, gh
     [R, 3K] of the previous state h_prev [R, K]: the new state and what ``_gru_backward``
     needs."""
-    h_new, r, z, n = gru_gates(gi, gh, h_prev)
-    return h_new, dict(h_prev=h_prev, r=r, z=z, n=n, h_n=gh[:, 2 * h_prev.shape[1] :])
+    h_new, rz, n = gru_gates(gi, gh, h_prev)
+    K = h_prev.shape[1]
+    return h_new, dict(h_prev=h_prev, rz=rz, r=rz[:, :K], z=rz[:, K:], n=n, gh=gh)
 
 
 def _gru_backward(dh: Tensor, g: dict) -> tuple[Tensor, Tensor]:
-    """d gi and d gh [R, 3K] from d h_new [R, K] (the gates' pre-activation gradients)."""
+    """d gi and d gh [R, 3K] from d h_new [R, K] (the gates' pre-activation gradients):
+    one native pass on CPU float32 (``native.gru_backward``), else torch's ops."""
+    if dh.device.type == "cpu":
+        out = native.gru_backward(dh, g["h_prev"], g["rz"], g["n"], g["gh"])
+        if out is not None:
+            return out
     K = dh.shape[1]
     r, z, n = g["r"], g["z"], g["n"]
     da = torch.empty(dh.shape[0], 3 * K, dtype=dh.dtype, device=dh.device)
     a_r, a_z, a_n = da[:, :K], da[:, K : 2 * K], da[:, 2 * K :]
     torch.mul(dh, 1 - z, out=a_n).mul_(1 - n * n)
     torch.mul(dh, g["h_prev"] - n, out=a_z).mul_(z * (1 - z))
-    torch.mul(a_n, g["h_n"], out=a_r).mul_(r * (1 - r))
+    torch.mul(a_n, g["gh"][:, 2 * K :], out=a_r).mul_(r * (1 - r))
     dgh = da.clone()  # the candidate's hidden part goes through r
     dgh[:, 2 * K :].mul_(r)
     return da, dgh
