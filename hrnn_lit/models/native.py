@@ -5,7 +5,8 @@ torch has no in-place "update these rows" kernel: the torch path gathers the tou
 a table and of its accumulator, runs the fused Adagrad kernel on the copies and writes both
 back with ``index_copy_`` (an element-wise kernel, ~2.5x slower than the gather). For (a)'s
 output table that is four passes over ~2,000 random 400-byte rows and ~1.2 ms of a 5 ms step
-at 1 thread. ``adagrad_rows`` updates the rows where they lie, in one pass.
+at 1 thread. ``adagrad_rows`` updates the rows where they lie, in one pass, prefetching
+the rows 4 ahead (in a training step, x0.73 time for that table's update at 2 threads).
 
 The cross-entropy's torch path makes six passes over the [B, N] scores (mask, two row
 maxima, a three-pass softmax, the target's one-hot); ``softmax_xent_rows`` makes two per
@@ -66,6 +67,11 @@ int adagrad_rows(float *p, float *acc, const float *g, const int64_t *idx, int64
   for (int64_t i = 0; i < m; i++) {
     float *pr = p + idx[i] * d, *ar = acc + idx[i] * d;
     const float *gr = g + i * d;
+    if (i + 4 < m) /* the rows 4 ahead, into cache (the tables are larger than it) */
+      for (int64_t j = 0; j < d; j += 16) {
+        __builtin_prefetch(p + idx[i + 4] * d + j, 1);
+        __builtin_prefetch(acc + idx[i + 4] * d + j, 1);
+      }
     for (int64_t j = 0; j < d; j++) {
       float gj = wd != 0.0f ? fmaf(pr[j], wd, gr[j]) : gr[j];
       float a = fmaf(gj, gj, ar[j]);
