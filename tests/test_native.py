@@ -246,6 +246,39 @@ def test_gru_kernels_leave_unsupported_tensors_to_torch(fresh):
     assert native.gru_forward(gi, gh, torch.randn(4, 6)[:, :3]) is None  # not contiguous
 
 
+@pytest.mark.parametrize("shape", [(64, 2176, 20_000), (5, 3, 1), (4, 40, 100_000), (3, 0, 5)])
+def test_distinct_rows_equals_torch_unique_per_row(fresh, threads, shape):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    T, W, n = shape
+    gen = torch.Generator().manual_seed(W)
+    x = torch.randint(0, n, (T, W), generator=gen)
+    if W:
+        x[0] = n - 1  # one value, at the top of the range
+    valid = torch.rand(T, min(W, 9), generator=gen) < 0.6
+    values, inverse, offsets, counts = native.distinct_rows(x, n, valid, counts=True)
+    assert len(offsets) == T + 1 and offsets[0] == 0 and offsets[-1] == values.numel()
+    for t in range(T):
+        ref_values, ref_inverse = torch.unique(x[t], return_inverse=True)
+        assert torch.equal(values[offsets[t] : offsets[t + 1]], ref_values)
+        assert torch.equal(inverse[t], ref_inverse)
+        weight = torch.ones(W, dtype=torch.long)
+        weight[: valid.shape[1]] = valid[t]
+        ref_counts = torch.zeros(ref_values.numel(), dtype=torch.long)
+        ref_counts.index_add_(0, ref_inverse, weight)
+        assert torch.equal(counts[offsets[t] : offsets[t + 1]], ref_counts)
+    assert native.distinct_rows(x, n)[3] is None
+
+
+def test_distinct_rows_checks_its_values(fresh):
+    if native.load() is None:
+        pytest.skip("no C compiler here")
+    for bad in (10, -1):
+        with pytest.raises(IndexError, match=r"outside \[0, 10\)"):
+            native.distinct_rows(torch.tensor([[1, 2], [bad, 3]]), 10)
+    assert native.distinct_rows(torch.tensor([[1, 2]], dtype=torch.int32), 10) is None
+
+
 def train(steps: int = 8, wd: float = 0.0):
     """A sparse table and a dense layer under SparseRowOptimizer (plain Adagrad)."""
     torch.manual_seed(0)

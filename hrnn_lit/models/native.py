@@ -1,5 +1,6 @@
 """Optional native CPU kernels: the optimiser's row-sparse Adagrad step, the softmax
-cross-entropy of a training step's score rows, and the GRU cell's gates forward and back.
+cross-entropy of a training step's score rows, the GRU cell's gates forward and back, and
+the distinct items of each step of a chunk.
 
 torch has no in-place "update these rows" kernel: the torch path gathers the touched rows of
 a table and of its accumulator, runs the fused Adagrad kernel on the copies and writes both
@@ -18,6 +19,10 @@ A GRU cell is five torch ops forward and nine back on [B, H] tensors, each ~5-15
 B=128, H=100, more at 2 threads than at 1; ``gru_forward`` and ``gru_backward`` do each in
 one pass over the rows (sigmoid and tanh from the same exp, within 2 float32 epsilons).
 Rows are independent (evaluation steps subsets of them, evaluation/replay.py).
+
+A chunk's distinct candidates per step were a ``torch.unique`` (a sort) of 64 x 2,176 keys,
+~1.8 ms; ``distinct_rows`` marks each row's values in a bitset and reads them back in
+order, ~0.4 ms.
 
 The kernels are a few lines of plain C (no torch headers), compiled on first use with the
 system C compiler (``$CC``, else ``cc``; ~0.2 s) into a per-user cache and loaded with
@@ -47,6 +52,7 @@ from torch import Tensor
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -78,6 +84,65 @@ int adagrad_rows(float *p, float *acc, const float *g, const int64_t *idx, int64
       ar[j] = a;
       pr[j] = pr[j] - (lr * gj) / (sqrtf(a) + eps);
     }
+  }
+  return 0;
+}
+
+/* The sorted distinct values of each row of x [t, w] (values in [0, n)), from a bitset of
+   n bits per thread: row i's values go to values[offsets[i] .. offsets[i + 1]) (values has
+   room for t * w), each entry's index among them to inverse [t, w], and, where counts is
+   not NULL, each value's number of entries to counts (aligned with values), entry j of
+   row i counting valid[i * b + j] for j < b (valid not NULL), else 1. Returns 0; -1
+   (nothing written) if a value is outside [0, n); -2 if scratch memory is not there. */
+CLONES
+int distinct_rows(const int64_t *x, int64_t t, int64_t w, int64_t n, const uint8_t *valid,
+                  int64_t b, int64_t *values, int64_t *offsets, int64_t *inverse,
+                  int64_t *counts) {
+  for (int64_t i = 0; i < t * w; i++)
+    if (x[i] < 0 || x[i] >= n) return -1;
+  int failed = 0;
+  int64_t words = n / 64 + 1;
+#pragma omp parallel if (t * w >= 32768)
+  {
+    uint64_t *bits = calloc(words, sizeof *bits);
+    int32_t *rank = malloc(n * sizeof *rank);
+    if (!bits || !rank) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp barrier
+    if (!failed) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < t; i++) {
+        const int64_t *xr = x + i * w;
+        int64_t *vr = values + i * w, *ir = inverse + i * w, k = 0;
+        for (int64_t j = 0; j < w; j++) bits[xr[j] >> 6] |= 1ull << (xr[j] & 63);
+        for (int64_t q = 0; q < words; q++)
+          for (uint64_t m = bits[q]; m; m &= m - 1) {
+            int64_t v = q * 64 + __builtin_ctzll(m);
+            rank[v] = (int32_t)k;
+            vr[k++] = v;
+          }
+        for (int64_t j = 0; j < k; j++) bits[vr[j] >> 6] = 0;
+        for (int64_t j = 0; j < w; j++) ir[j] = rank[xr[j]];
+        offsets[i + 1] = k;
+        if (counts) {
+          int64_t *cr = counts + i * w;
+          for (int64_t j = 0; j < k; j++) cr[j] = 0;
+          for (int64_t j = 0; j < w; j++) cr[ir[j]] += (valid && j < b) ? valid[i * b + j] : 1;
+        }
+      }
+    }
+    free(bits);
+    free(rank);
+  }
+  if (failed) return -2;
+  offsets[0] = 0;
+  for (int64_t i = 0; i < t; i++) { /* rows to their places (left moves: in order) */
+    int64_t k = offsets[i + 1], at = offsets[i];
+    memmove(values + at, values + i * w, k * sizeof *values);
+    if (counts) memmove(counts + at, counts + i * w, k * sizeof *counts);
+    offsets[i + 1] = at + k;
   }
   return 0;
 }
@@ -293,6 +358,10 @@ def load() -> ctypes.CDLL | None:
     f = lib.softmax_xent_rows
     f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
     f.restype = ctypes.c_int
+    f = lib.distinct_rows
+    f.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
+    f.argtypes += [ctypes.c_void_p] * 4
+    f.restype = ctypes.c_int
     f = lib.gru_forward
     f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3
     f.restype = None
@@ -417,3 +486,38 @@ def gru_backward(
         da.data_ptr(), dgh.data_ptr(),
     )  # fmt: skip
     return da, dgh
+
+
+def distinct_rows(
+    x: Tensor, n: int, valid: Tensor | None = None, counts: bool = False
+) -> tuple[Tensor, Tensor, list[int], Tensor | None] | None:
+    """``torch.unique(x[t], return_inverse=True)`` of every row of x [T, W] (CPU int64,
+    values in [0, n)): (the rows' sorted distinct values concatenated, the inverse [T, W],
+    the rows' offsets into the values, and with ``counts`` each value's number of entries in
+    its row, an entry j < B counting valid[t, j] (valid [T, B] bool) where given). From a
+    bitset per row, not a sort. None where the library is unavailable or x is not CPU
+    int64."""
+    if not (x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 2):
+        return None
+    if valid is not None and not (valid.dtype == torch.bool and valid.shape[0] == x.shape[0]):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    T, W = x.shape
+    x = x.contiguous()
+    values, inverse = x.new_empty(T * W), x.new_empty(T, W)
+    offsets = torch.empty(T + 1, dtype=torch.int64)
+    cnt = x.new_empty(T * W) if counts else None
+    v = None if valid is None else valid.contiguous()
+    rc = lib.distinct_rows(
+        x.data_ptr(), T, W, n, None if v is None else v.data_ptr(),
+        0 if v is None else v.shape[1], values.data_ptr(), offsets.data_ptr(),
+        inverse.data_ptr(), None if cnt is None else cnt.data_ptr(),
+    )  # fmt: skip
+    if rc == -1:
+        raise IndexError(f"distinct_rows: a value is outside [0, {n})")
+    if rc != 0:
+        raise MemoryError(f"distinct_rows: no scratch memory for {n} values")
+    off = offsets.tolist()
+    return values[: off[-1]], inverse, off, None if cnt is None else cnt[: off[-1]]

@@ -87,17 +87,29 @@ def step_distinct(candidates: Tensor, items: Tensor, valid: Tensor) -> Distinct:
 
 def chunk_distinct(candidates: Tensor, items: Tensor, valid: Tensor, n: int) -> list[Distinct]:
     """``step_distinct`` for every time step of a chunk: candidates [T, N], input items and
-    valid slots [T, B] (values in [0, n)), through ``chunk_unique``, one call each."""
-    (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (chunk_unique(v, n) for v in (candidates, items))
-    offsets = torch.tensor(c_off[:-1], device=c_inv.device)[:, None]  # [T, 1]
-    counts = _counts(c_inv + offsets, valid, c_val.numel())
-    return [
-        (
-            (c_val[c_off[t] : c_off[t + 1]], c_inv[t], counts[c_off[t] : c_off[t + 1]]),
-            (i_val[i_off[t] : i_off[t + 1]], i_inv[t]),
+    valid slots [T, B] (values in [0, n)), one call each: on CPU through
+    ``native.distinct_rows`` (a bitset per row, ~10x faster than the sort), else through
+    ``chunk_unique``."""
+    out = None
+    if candidates.device.type == "cpu":
+        out = native.distinct_rows(candidates, n, valid, counts=True)
+    if out is not None:
+        c_val, c_inv, c_off, counts = out
+        i_val, i_inv, i_off, _ = native.distinct_rows(items, n)
+    else:
+        (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (
+            chunk_unique(v, n) for v in (candidates, items)
         )
-        for t in range(candidates.shape[0])
-    ]
+        offsets = torch.tensor(c_off[:-1], device=c_inv.device)[:, None]  # [T, 1]
+        counts = _counts(c_inv + offsets, valid, c_val.numel())
+    c_sizes = [b - a for a, b in zip(c_off, c_off[1:])]
+    i_sizes = [b - a for a, b in zip(i_off, i_off[1:])]
+    return list(
+        zip(
+            zip(c_val.split(c_sizes), c_inv.unbind(), counts.split(c_sizes)),
+            zip(i_val.split(i_sizes), i_inv.unbind()),
+        )
+    )
 
 
 def _dropout_mask(module: torch.nn.Dropout, like: Tensor) -> Tensor | None:
