@@ -888,8 +888,8 @@ def format_report(result: dict) -> str:
         f"torch threads "
         f"{meta['threads']}, medians of {meta['repeats']} repeats x {meta['epochs']} epochs "
         f"(warm-up {meta['warmup']} chunk), torch {meta['torch']}, lightning "
-        f"{meta['lightning']}, native row update "
-        f"{'on' if meta.get('native_row_update') else 'off'}"
+        f"{meta['lightning']}, native kernels "
+        f"{'on' if meta.get('native_kernels') else 'off'}"
         f"{', QUICK sizes' if meta['quick'] else ''}",
         "",
         "train = ours (Lightning Trainer) events/s; plain = bare loop, same model; ovh = "
@@ -1057,7 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "torch": torch.__version__,
             "lightning": pytorch_lightning.__version__,
-            "native_row_update": native.load() is not None,
+            "native_kernels": native.load() is not None,
             "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(),
             "total_s": time.perf_counter() - t0,

@@ -78,7 +78,7 @@ def run_info(cfg: DictConfig) -> dict:
         "versions": versions,
         "git": git,
         "argv": sys.argv,
-        "native_row_update": native.load() is not None,  # CPU speed only, same results
+        "native_kernels": native.load() is not None,  # CPU speed; results as torch, to rounding
     }
 
 

@@ -35,7 +35,7 @@ def test_bench_quick_writes_every_config(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "targets" in done.stdout
-    assert f"native row update {'on' if native.load() else 'off'}" in done.stdout
+    assert f"native kernels {'on' if native.load() else 'off'}" in done.stdout
     result = json.loads(out.read_text())
     assert set(result["configs"]) == set(bench.CONFIGS)
     for name, r in result["configs"].items():

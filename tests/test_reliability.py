@@ -33,7 +33,7 @@ def test_same_seed_same_metrics_and_run_info(tmp_path):
     info = json.loads((tmp_path / "a" / "run_info.json").read_text())
     assert info["seed"] == 0 and info["versions"]["torch"] == torch.__version__
     assert set(info["git"]) == {"revision", "dirty"}
-    assert info["native_row_update"] is (native.load() is not None)
+    assert info["native_kernels"] is (native.load() is not None)
     assert "hidden_size: 16" in (tmp_path / "a" / "config.yaml").read_text()
 
 

@@ -9,6 +9,10 @@ item, so the optimiser, gradient clipping and data-parallel averaging see what a
 merge. No autograd graph is built: the user level's step at HRNN session starts
 (``start_sessions``) is differentiated by hand too.
 
+With cross-entropy (``distinct_loss``) the step scores each distinct candidate once, its
+multiplicity entering the softmax as a log-count logit bias: (a)'s popularity samples repeat
+items, and the [B, N] products, gathers and per-column row sums shrink to [B, M].
+
 The loss is the mean over the step's valid slots; the gradient is that of the loss times
 the share of valid slots, i.e. of the sum over valid slots / B. The results equal autograd
 through ``RecurrentCore.step``, ``score_items`` and that scaled loss (tests/test_update.py).
