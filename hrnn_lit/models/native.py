@@ -413,13 +413,11 @@ def softmax_xent(
     sums s [B]), with y set to the rows' loss gradients times s. None (y untouched) where
     the library is unavailable or the tensors are not of that kind."""
     if not (
-        y.device.type == "cpu"
-        and y.dtype == torch.float32
+        _plain(y)
         and y.dim() == 2
-        and y.is_contiguous()
         and target.dtype == torch.int64
         and target.shape == (y.shape[0],)
-        and (bias is None or (bias.dtype == torch.float32 and bias.shape == (y.shape[1],)))
+        and (bias is None or (_plain(bias) and bias.shape == (y.shape[1],)))
     ):
         return None
     lib = load()
@@ -427,7 +425,6 @@ def softmax_xent(
         return None
     B, M = y.shape
     target = target.contiguous()
-    bias = None if bias is None else bias.contiguous()
     sums, row_loss = y.new_empty(B), y.new_empty(B)
     rc = lib.softmax_xent_rows(
         y.data_ptr(), None if bias is None else bias.data_ptr(), target.data_ptr(), B, M,
