@@ -249,7 +249,7 @@ static inline void gru_forward_row(const float *restrict gi, const float *restri
 CLONES
 void gru_forward(const float *gi, const float *gh, const float *h, int64_t rows, int64_t k,
                  float *h_new, float *rz, float *n) {
-#pragma omp parallel for schedule(static) if (rows * k >= 65536)
+#pragma omp parallel for schedule(static) if (rows * k >= 8192)
   for (int64_t i = 0; i < rows; i++)
     gru_forward_row(gi + i * 3 * k, gh + i * 3 * k, h + i * k, k, h_new + i * k,
                     rz + i * 2 * k, n + i * k);
@@ -276,7 +276,7 @@ static inline void gru_backward_row(const float *restrict dh, const float *restr
 CLONES
 void gru_backward(const float *dh, const float *h, const float *rz, const float *n,
                   const float *gh, int64_t rows, int64_t k, float *da, float *dgh) {
-#pragma omp parallel for schedule(static) if (rows * k >= 65536)
+#pragma omp parallel for schedule(static) if (rows * k >= 8192)
   for (int64_t i = 0; i < rows; i++)
     gru_backward_row(dh + i * k, h + i * k, rz + i * 2 * k, n + i * k, gh + i * 3 * k, k,
                      da + i * 3 * k, dgh + i * 3 * k);
