@@ -480,18 +480,16 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
             for t in range(T if gs is None else 0):  # the eager updates
                 p0 = pc()
                 h, c, start = update.start_step(core, batch, t, h, c)
-                for p in params:  # = opt.zero_grad(set_to_none=True)
-                    p.grad = None
                 h, loss, cache = update.forward(
                     core, loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
                     distinct[t], distinct_loss,
                 )  # fmt: skip
                 sync()
                 p1 = pc()
-                update.backward(core, cache)
+                grads = update.gradients(core, cache)
                 sync()
                 p2 = pc()
-                opt.update()  # = opt.step() without torch.optim's wrapper, as ours
+                opt.update(grads)  # as ours: no torch.optim wrapper, no .grad tensors
                 sync()
                 p3 = pc()
                 losses[t] = loss

@@ -204,23 +204,24 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         of a B=50 step; per-step ``on_before_optimizer_step`` hooks are not called): the raw
         optimizer steps between the LightningOptimizer's own progress hooks, so
         ``global_step`` still counts every update; without torch.optim's wrapper too where
-        no optimizer step hooks are registered. Elsewhere: ``opt.step()``."""
+        no optimizer step hooks are registered. Elsewhere: ``opt.step()``. Returns (step,
+        direct): ``direct`` (else None) where the step can also take the gradients directly
+        (``direct(update.gradients(...))``: no ``.grad`` tensors built)."""
         opt = self.optimizers()
         hooks = self._progress_hooks()
         if hooks is None:
-            return opt.step
+            return opt.step, None
         before, after = hooks
         raw = opt.optimizer
-        update = raw.step
-        if isinstance(raw, SparseRowOptimizer) and not raw.has_step_hooks():
-            update = raw.update  # (torch.optim's profiler range and hook checks: ~0.1 ms)
+        lean = isinstance(raw, SparseRowOptimizer) and not raw.has_step_hooks()
+        update = raw.update if lean else raw.step  # (torch.optim's wrapper: ~0.1 ms)
 
-        def step() -> None:
+        def step(grads=None) -> None:
             before()
-            update()
+            update() if grads is None else update(grads)
             after()
 
-        return step
+        return step, step if lean else None
 
     @property
     def _mm_dtype(self) -> torch.dtype | None:
@@ -284,21 +285,30 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         return gs.state()
 
     def _eager_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
-        step = self._optimizer_step()
+        step, direct = self._optimizer_step()
         mm_dtype = self._mm_dtype
         clip = self.hparams.clip_grad_norm
         params = list(self.parameters())
+        if self._world_size > 1 or clip > 0:
+            direct = None  # they work on .grad
+        if direct is not None:  # no .grad is set: drop any left from an earlier path
+            for p in params:
+                p.grad = None
         inp, valid = batch["input"], batch["valid"]
         B, n_sample = inp.shape[1], cand.shape[1] - inp.shape[1]
         distinct = update.chunk_distinct(cand, inp, valid, self.core.out_w.num_embeddings)
         for t in range(inp.shape[0]):
             h, c, start = update.start_step(self.core, batch, t, h, c)
-            for p in params:  # = opt.zero_grad(set_to_none=True)
-                p.grad = None
             h, loss, cache = update.forward(
                 self.core, self.loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
                 distinct[t], self.distinct_loss_grad,
             )  # fmt: skip
+            if direct is not None:
+                direct(update.gradients(self.core, cache))
+                losses[t] = loss
+                continue
+            for p in params:  # = opt.zero_grad(set_to_none=True)
+                p.grad = None
             update.backward(self.core, cache)
             if self._world_size > 1:  # data-parallel: average gradients over ranks
                 distributed.average_gradients(params, max_rows=B + n_sample)
