@@ -246,7 +246,7 @@ def test_gru_kernels_leave_unsupported_tensors_to_torch(fresh):
     assert native.gru_forward(gi, gh, torch.randn(4, 6)[:, :3]) is None  # not contiguous
 
 
-@pytest.mark.parametrize("shape", [(64, 2176, 20_000), (5, 3, 1), (4, 40, 100_000), (3, 0, 5)])
+@pytest.mark.parametrize("shape", [(64, 2176, 20_000), (5, 3, 1), (4, 400, 200_000), (3, 0, 5)])
 def test_distinct_rows_equals_torch_unique_per_row(fresh, threads, shape):
     if native.load() is None:
         pytest.skip("no C compiler here")
@@ -277,6 +277,9 @@ def test_distinct_rows_checks_its_values(fresh):
         with pytest.raises(IndexError, match=r"outside \[0, 10\)"):
             native.distinct_rows(torch.tensor([[1, 2], [bad, 3]]), 10)
     assert native.distinct_rows(torch.tensor([[1, 2]], dtype=torch.int32), 10) is None
+    # beyond 512 values per entry of a row a sort is faster: left to torch
+    assert native.distinct_rows(torch.tensor([[1, 2]]), 1024) is not None
+    assert native.distinct_rows(torch.tensor([[1, 2]]), 1025) is None
 
 
 def train(steps: int = 8, wd: float = 0.0):

@@ -492,9 +492,12 @@ def distinct_rows(
     values in [0, n)): (the rows' sorted distinct values concatenated, the inverse [T, W],
     the rows' offsets into the values, and with ``counts`` each value's number of entries in
     its row, an entry j < B counting valid[t, j] (valid [T, B] bool) where given). From a
-    bitset per row, not a sort. None where the library is unavailable or x is not CPU
-    int64."""
+    bitset per row, not a sort: each row scans n / 64 words, so beyond n = 512 W a sort is
+    faster (at W = 2,176: x0.6 its time at n = 1M, x1.5 at 5M, x33 at 20M). None there,
+    where the library is unavailable, x is not CPU int64 or there is no scratch memory."""
     if not (x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 2):
+        return None
+    if n > 512 * max(x.shape[1], 1):
         return None
     if valid is not None and not (valid.dtype == torch.bool and valid.shape[0] == x.shape[0]):
         return None
@@ -514,7 +517,7 @@ def distinct_rows(
     )  # fmt: skip
     if rc == -1:
         raise IndexError(f"distinct_rows: a value is outside [0, {n})")
-    if rc != 0:
-        raise MemoryError(f"distinct_rows: no scratch memory for {n} values")
+    if rc != 0:  # no scratch memory for the bitset
+        return None
     off = offsets.tolist()
     return values[: off[-1]], inverse, off, None if cnt is None else cnt[: off[-1]]

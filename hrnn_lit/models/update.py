@@ -92,20 +92,18 @@ def step_distinct(candidates: Tensor, items: Tensor, valid: Tensor) -> Distinct:
 def chunk_distinct(candidates: Tensor, items: Tensor, valid: Tensor, n: int) -> list[Distinct]:
     """``step_distinct`` for every time step of a chunk: candidates [T, N], input items and
     valid slots [T, B] (values in [0, n)), one call each: on CPU through
-    ``native.distinct_rows`` (a bitset per row, ~10x faster than the sort), else through
-    ``chunk_unique``."""
-    out = None
-    if candidates.device.type == "cpu":
-        out = native.distinct_rows(candidates, n, valid, counts=True)
+    ``native.distinct_rows`` (a bitset per row, 2-4x faster than the sort where n is at
+    most 512 entries per row), else through ``chunk_unique``."""
+    cpu = candidates.device.type == "cpu"
+    out = native.distinct_rows(candidates, n, valid, counts=True) if cpu else None
     if out is not None:
         c_val, c_inv, c_off, counts = out
-        i_val, i_inv, i_off, _ = native.distinct_rows(items, n)
     else:
-        (c_val, c_inv, c_off), (i_val, i_inv, i_off) = (
-            chunk_unique(v, n) for v in (candidates, items)
-        )
+        c_val, c_inv, c_off = chunk_unique(candidates, n)
         offsets = torch.tensor(c_off[:-1], device=c_inv.device)[:, None]  # [T, 1]
         counts = _counts(c_inv + offsets, valid, c_val.numel())
+    out = native.distinct_rows(items, n) if cpu else None
+    i_val, i_inv, i_off = out[:3] if out is not None else chunk_unique(items, n)
     c_sizes = [b - a for a, b in zip(c_off, c_off[1:])]
     i_sizes = [b - a for a, b in zip(i_off, i_off[1:])]
     return list(
