@@ -249,10 +249,12 @@ def test_captured_graph_equals_the_eager_update_on_cuda(variant):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_module_cuda_graph_trains_like_eager_on_cuda():
-    """The session RNN (no user level, so no rounding difference) through the Trainer."""
+    """The session RNN through the Trainer. The eager path scores each distinct candidate
+    once (cross-entropy), the graph the full [B, B+S] matrix: equal up to float32
+    rounding, which an epoch of updates amplifies a little (the CPU test's tolerance)."""
     eager, t_e = _fit(False, "gpu", user_propagation="none")
     graph, t_g = _fit(True, "gpu", user_propagation="none")
     assert graph._graph is not None and graph._graph.graph is not None
     assert t_g.global_step == t_e.global_step > 100
     for a, b in zip(graph.parameters(), eager.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
