@@ -24,7 +24,7 @@ A chunk's distinct candidates per step were a ``torch.unique`` (a sort) of 64 x 
 ~1.8 ms; ``distinct_rows`` marks each row's values in a bitset and reads them back in
 order, ~0.4 ms.
 
-The kernels are a few lines of plain C (no torch headers), compiled on first use with the
+The kernels are a page of plain C (no torch headers), compiled on first use with the
 system C compiler (``$CC``, else ``cc``; ~0.8 s) into a per-user cache and loaded with
 ctypes. Large calls split their rows over torch's OpenMP threads (``_openmp_flags``).
 The Adagrad arithmetic is that of torch's fused CPU Adagrad (fused multiply-adds where
