@@ -1,4 +1,4 @@
-"""User-parallel batching invariants (DESIGN §3)."""
+"""User-parallel batching invariants (docs/design.md §3)."""
 
 from __future__ import annotations
 

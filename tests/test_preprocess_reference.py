@@ -1,4 +1,4 @@
-"""preprocess() against an independent pure-Python reading of DESIGN §5 steps 1-7.
+"""preprocess() against an independent pure-Python reading of docs/design.md §5 steps 1-7.
 
 The reference below uses only lists, dicts and sets. It runs on a synthetic XING file whose
 features (deletes, duplicates, equal timestamps, rare items, users with too few and too many
@@ -52,7 +52,7 @@ def _split(events: list[Event]) -> tuple[list[Event], list[Event]]:
 
 
 def reference(rows: list[tuple[int, int, int, int]]) -> tuple[dict[str, list[Event]], dict]:
-    """DESIGN §5 steps 1-7; also returns what each step removed (to check the data)."""
+    """docs/design.md §5 steps 1-7; also returns what each step removed (to check the data)."""
     removed: dict[str, int] = {}
     kept = [r for r in rows if r[2] != 4]
     removed["deletes"] = len(rows) - len(kept)

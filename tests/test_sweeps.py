@@ -207,6 +207,6 @@ def test_launcher_configs_compose():
     cfg = _compose(["hydra/launcher=slurm", "trainer.devices=4", "hydra.launcher.partition=gpu"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    # SLURM starts one rank per device (DESIGN §8): tasks_per_node follows trainer.devices
+    # SLURM starts one rank per device (docs/design.md §12): tasks_per_node follows trainer.devices
     assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4
     assert launcher.nodes == 1 and launcher.partition == "gpu"

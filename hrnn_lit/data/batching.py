@@ -1,4 +1,4 @@
-"""User-parallel mini-batches (DESIGN §3), built with numpy index arithmetic.
+"""User-parallel mini-batches (docs/design.md §3), built with numpy index arithmetic.
 
 A *step* is one (input item -> target item) pair inside a session; a session of L events
 gives L - 1 steps. Steps are ordered by (user, session, time). A *plan* is a [T, B] matrix

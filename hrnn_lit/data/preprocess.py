@@ -1,4 +1,4 @@
-"""The paper's preprocessing (DESIGN §5) on the canonical events frame.
+"""The paper's preprocessing (docs/design.md §5) on the canonical events frame.
 
 Canonical frame: one row per event, columns ``user``, ``item``, ``ts`` (Unix seconds, int)
 and optionally ``type`` (interaction type, int), in file order. Ids may be ints or strings.
@@ -57,7 +57,7 @@ def filter_events(
     max_user_sessions: int | None = 200,
     source: str = "data",
 ) -> pl.DataFrame:
-    """Steps 1-6 of DESIGN §5, each applied once, in the reference order."""
+    """Steps 1-6 of docs/design.md §5, each applied once, in the reference order."""
     df = _nonempty(events, "read", source)
     has_type = "type" in df.columns
     if has_type and drop_types:
