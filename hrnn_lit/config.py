@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
 from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS, RESETS
+from hrnn_lit.models.engine import ENGINES
 from hrnn_lit.models.graph_step import graph_support
 from hrnn_lit.models.losses import LOSSES
-from hrnn_lit.models.module import OPTIMIZERS
+from hrnn_lit.models.optim import KINDS as OPTIMIZERS
 
 MODES = ("train", "test", "prepare")
 PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand-written training step runs
@@ -35,6 +38,7 @@ def _float(cfg: DictConfig, key: str, lo: float, hi: float | None = None) -> Non
     if (
         isinstance(v, bool)
         or not isinstance(v, (int, float))
+        or not math.isfinite(v)  # nan passes every comparison; inf is no setting either
         or v < lo
         or (hi is not None and v > hi)
     ):
@@ -78,21 +82,64 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.precision must be one of {list(PRECISIONS)} (bf16-mixed: the output "
             f"layer's backward products in bfloat16), got {precision!r}"
         )
-    every = OmegaConf.select(cfg, "callbacks.model_checkpoint.every_n_train_steps")
-    if every is not None:
-        _int(cfg, "callbacks.model_checkpoint.every_n_train_steps", 1)
-        if every % cfg.data.steps_per_batch:
-            raise ConfigError(
-                "callbacks.model_checkpoint.every_n_train_steps counts optimiser updates (one "
-                f"per time step) and must be a multiple of data.steps_per_batch "
-                f"({cfg.data.steps_per_batch}), got {every}"
-            )
-    if "hidden_size" in cfg.model:
+    if OmegaConf.select(cfg, "callbacks.model_checkpoint") is not None:
+        # optimiser updates (one per time step); saved at the first batch end past each multiple
+        _int(cfg, "callbacks.model_checkpoint.every_n_train_steps", 1, optional=True)
+    if OmegaConf.select(cfg, "callbacks.divergence") is not None:
+        _float(cfg, "callbacks.divergence.max_norm_ratio", 1.0)
+        _float(cfg, "callbacks.divergence.max_loss_ratio", 1.0)
+        _int(cfg, "callbacks.divergence.check_every", 1)
+    if "loss" in cfg.model:
+        validate_training(cfg)
+    if OmegaConf.select(cfg, "model.net") is None and "hidden_size" in cfg.model:
         validate_rnn(cfg)
 
 
+def validate_training(cfg: DictConfig) -> None:
+    """Keys of the trained models (any network of the model API); a key a model's config
+    leaves out takes the module's default."""
+    m = cfg.model
+    net = OmegaConf.select(cfg, "model.net")
+    if net is not None and (not OmegaConf.is_dict(net) or "_target_" not in net):
+        raise ConfigError(f"model.net must be a config with a _target_ (a class), got {net!r}")
+    checks = {
+        "engine": (_choice, ENGINES),
+        "loss": (_choice, LOSSES),
+        "optimizer": (_choice, OPTIMIZERS),
+        "n_sample": (_int, 0),
+        "sample_alpha": (_float, 0.0),
+        "lr": (_float, 0.0),
+        "momentum": (_float, 0.0, 0.999),
+        "weight_decay": (_float, 0.0),
+        "clip_grad_norm": (_float, 0.0),
+        "bpreg": (_float, 0.0),
+    }
+    for key, (check, *args) in checks.items():
+        if key in m:
+            check(cfg, f"model.{key}", *args)
+    engine = m.get("engine", "auto")
+    if net is not None and engine == "manual":
+        raise ConfigError(
+            "model.engine=manual: the hand-written update covers the built-in networks only; "
+            "a custom model.net trains with model.engine=autograd (or auto)"
+        )
+    graph = m.get("cuda_graph", False)
+    if not isinstance(graph, bool):
+        raise ConfigError(f"model.cuda_graph must be true or false, got {graph!r}")
+    if graph:
+        why = graph_support(m.loss, m.optimizer, m.momentum, m.clip_grad_norm)
+        if why is None and (net is not None or engine == "autograd"):
+            why = "needs the manual engine (model.engine=manual or auto, built-in network)"
+        if why is None and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
+            why = "needs a CUDA device (trainer=gpu), got trainer.accelerator=cpu"
+        if why is None and _get(cfg, "trainer.devices") != 1:
+            why = f"needs one device (trainer.devices=1), got {cfg.trainer.devices}"
+        if why is not None:
+            raise ConfigError(f"model.cuda_graph=true: {why}")
+
+
 def validate_rnn(cfg: DictConfig) -> None:
-    """Keys of the recurrent models (session RNN, RNN Concat, HRNN)."""
+    """Keys of the built-in recurrent network (session RNN, RNN Concat, HRNN)."""
     _int(cfg, "model.hidden_size", 1)
     _choice(cfg, "model.user_propagation", PROPAGATIONS)
     _choice(cfg, "model.reset_at", RESETS)
@@ -100,28 +147,7 @@ def validate_rnn(cfg: DictConfig) -> None:
         raise ConfigError("model.reset_at=user (RNN Concat) needs model.user_propagation=none")
     if cfg.model.user_propagation != "none":
         _int(cfg, "model.user_hidden_size", 1)
-    _choice(cfg, "model.loss", LOSSES)
-    _choice(cfg, "model.optimizer", OPTIMIZERS)
     _choice(cfg, "model.final_act", ACTIVATIONS)
     _choice(cfg, "model.user_to_session_act", ACTIVATIONS)
-    _int(cfg, "model.n_sample", 0)
-    _float(cfg, "model.sample_alpha", 0.0)
-    _float(cfg, "model.lr", 0.0)
-    _float(cfg, "model.momentum", 0.0, 0.999)
-    _float(cfg, "model.weight_decay", 0.0)
-    _float(cfg, "model.clip_grad_norm", 0.0)
-    _float(cfg, "model.bpreg", 0.0)
     for key in ("dropout_session", "dropout_user", "dropout_init"):
         _float(cfg, f"model.{key}", 0.0, 0.999)
-    graph = OmegaConf.select(cfg, "model.cuda_graph", default=False)
-    if not isinstance(graph, bool):
-        raise ConfigError(f"model.cuda_graph must be true or false, got {graph!r}")
-    if graph:
-        m = cfg.model
-        why = graph_support(m.loss, m.optimizer, m.momentum, m.clip_grad_norm)
-        if why is None and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
-            why = "needs a CUDA device (trainer=gpu), got trainer.accelerator=cpu"
-        if why is None and _get(cfg, "trainer.devices") != 1:
-            why = f"needs one device (trainer.devices=1), got {cfg.trainer.devices}"
-        if why is not None:
-            raise ConfigError(f"model.cuda_graph=true: {why}")

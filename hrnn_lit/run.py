@@ -14,12 +14,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit import distributed, runtime
-from hrnn_lit.callbacks import Throughput
+from hrnn_lit import checkpoints
+from hrnn_lit.callbacks import RunRecord, Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
-from hrnn_lit.errors import ConfigError, HrnnError
+from hrnn_lit.errors import ConfigError, HrnnError, NumericalError
 from hrnn_lit.evaluation.evaluator import breakdowns
-from hrnn_lit.loggers import finish, log_results, name_wandb_runs
+from hrnn_lit.loggers import (
+    finish,
+    keep_csv_history,
+    log_results,
+    name_wandb_runs,
+    resume_wandb_runs,
+)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -163,6 +170,9 @@ def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
+    ckpt_file, ckpt, note = _read_checkpoint(cfg)  # mode=test: the checkpoint's model config
+    if world.is_main and note:
+        print(note)
     if world.is_main:  # next to results.json: the exact config and what else it depends on
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
@@ -170,6 +180,9 @@ def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
     dm = _instantiate(cfg.data)
     dm.shard(world.rank, world.size)
     dm.setup("fit")
+    if world.is_main:
+        for line in dm.notices:  # data stage (generated / preprocessed / cache), clamps
+            print(line)
     model = _instantiate(
         cfg.model,
         _convert_="all",  # plain lists in hparams: checkpoints load with weights_only
@@ -178,14 +191,33 @@ def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
         ks=list(cfg.eval.ks),
         ties=cfg.eval.ties,
     )
-    if cfg.get("ckpt_path") and cfg.mode == "test":
-        load_weights(model, cfg.ckpt_path)
+    if world.is_main and getattr(model, "engine", None):  # which engine trains it
+        write_json(out / "run_info.json", {**run_info(cfg), "engine": model.engine})
+    resumed = None
+    if ckpt is not None and cfg.mode == "test":
+        checkpoints.check_fits(model, ckpt, ckpt_file)
+        model.load_state_dict(checkpoints.state_dict_of(ckpt))
+    elif ckpt is not None:
+        checkpoints.check_resume(model, ckpt, ckpt_file)
+        resumed = {
+            "from": str(ckpt_file),
+            "epoch": ckpt.get("epoch"),
+            "global_step": ckpt.get("global_step"),
+            "changed": checkpoints.resume_changes(model, ckpt),
+        }
+        if world.is_main:
+            changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resumed["changed"].items())
+            print(
+                f"resuming from {ckpt_file} (epoch {resumed['epoch']}, update "
+                f"{resumed['global_step']})" + (f"; changed: {changed} (applied)" if changed else "")
+            )
     if world.size > 1:
         for p in model.state_dict().values():
             torch.distributed.broadcast(p, 0)
         torch.manual_seed(cfg.seed * 1000 + world.rank)  # own negatives and dropout per rank
     throughput = Throughput()
-    callbacks = [throughput]
+    record = RunRecord(OmegaConf.to_container(cfg.model, resolve=True))
+    callbacks = [throughput, record]
     loggers = []
     if world.is_main:
         callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -193,9 +225,19 @@ def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
             OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {}
         )
         name_wandb_runs(logger_cfgs)
+        if resumed is not None:
+            resume_wandb_runs(logger_cfgs, (ckpt.get(checkpoints.RECORD_KEY) or {}).get("wandb_id"))
         loggers = [instantiate(c) for c in logger_cfgs.values()]
+        if resumed is not None:
+            keep_csv_history(loggers, checkpoints.batches_done(ckpt))
+    del ckpt  # the trainer reads the file again when it resumes
     try:
-        results = _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world)
+        results = _fit_and_test(
+            cfg, dm, model, callbacks, loggers, throughput, world, ckpt_file if resumed else None
+        )
+        if resumed is not None:
+            resumed["changed"].update(record.changed)
+            results["resumed_from"] = resumed
         log_results(loggers, results)
     finally:
         finish(loggers)
@@ -207,15 +249,30 @@ def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
 
 
 def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
-    """Model weights from a Lightning checkpoint (or a bare state dict)."""
+    """Model weights from a Lightning checkpoint (or a bare state dict); one line if the
+    file is missing, is not a checkpoint or does not fit the model."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path: checkpoint {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.get("state_dict", state))
+    ckpt = checkpoints.read(path)
+    checkpoints.check_fits(model, ckpt, path)
+    model.load_state_dict(checkpoints.state_dict_of(ckpt))
 
 
-def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world) -> dict:
+def _read_checkpoint(cfg: DictConfig) -> tuple[Path | None, dict | None, str | None]:
+    """(file, contents, line to print) of the checkpoint ``ckpt_path`` names; for
+    ``mode=test`` ``cfg.model`` becomes the checkpoint's model config."""
+    path = checkpoints.resolve(cfg)
+    if path is None:
+        return None, None, None
+    ckpt = checkpoints.read(path)
+    note = None
+    if cfg.mode == "test":
+        note = checkpoints.model_config_for_test(cfg, ckpt, path)
+    return path, ckpt, note
+
+
+def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_file=None) -> dict:
     per_rank = {}
     if world.size > 1:  # one single-device Trainer per rank
         gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda")
@@ -234,7 +291,14 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world) -> dict
     if cfg.mode == "test":
         pass  # evaluate the loaded checkpoint only
     elif getattr(model, "trainable", True):
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_file) if ckpt_file else None)
+        except NumericalError as e:
+            last = checkpoints.checkpoint_dir(cfg) / "last.ckpt"
+            claim = "Checkpoints hold the last good weights"
+            if claim in str(e) and not last.is_file():  # stopped before any save
+                raise NumericalError(str(e).replace(claim, "No checkpoint was written")) from None
+            raise
         distributed.check_in_sync(model)
     else:  # non-neural baselines: fit from the training steps, no gradient steps
         t0 = time.perf_counter()
@@ -247,6 +311,7 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world) -> dict
 
     results = {
         "model": cfg.model.name,
+        "engine": getattr(model, "engine", None),
         "data": cfg.data.name,
         "seed": cfg.seed,
         "world_size": world.size,

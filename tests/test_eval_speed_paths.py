@@ -329,7 +329,7 @@ def test_replay_equals_unroll_on_scored_rows(variant):
                         hs, cs, state_ref = m.unroll(batch, state_ref)
                         state = state or m.core.initial_state(B, torch.device("cpu"))
                         h, c, state = replay_scored(
-                            m.core.step,
+                            m.core.session_step,
                             lambda t, h, c, b=batch: m._start_sessions(b, t, h, c),
                             batch,
                             state,

@@ -1,4 +1,4 @@
-"""HRNN state rules (DESIGN §2) checked on the real module."""
+"""HRNN state rules (docs/design.md §2) checked on the real module."""
 
 from __future__ import annotations
 
@@ -134,16 +134,16 @@ def test_all_adds_user_state_to_reset_and_update_gates_only():
     h, c = torch.randn(3, 8), torch.randn(3, 6)
     m_all = make_model("all")
     with torch.no_grad():
-        got = m_all.core.step(item, h, c)
+        got = m_all.core.session_step(item, h, c)
         want = gru_reference(m_all.core, item, h, c @ m_all.core.w_c.weight.T)
     torch.testing.assert_close(got, want)
     m_init = make_model("init")
     with torch.no_grad():
         torch.testing.assert_close(
-            m_init.core.step(item, h, c), gru_reference(m_init.core, item, h)
+            m_init.core.session_step(item, h, c), gru_reference(m_init.core, item, h)
         )
         # init: the step itself ignores c
-        assert torch.equal(m_init.core.step(item, h, c), m_init.core.step(item, h, -c))
+        assert torch.equal(m_init.core.session_step(item, h, c), m_init.core.session_step(item, h, -c))
 
 
 def test_rnn_concat_keeps_state_across_sessions_of_a_user():

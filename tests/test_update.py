@@ -96,7 +96,7 @@ def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5, on_distinct
             h_new, value = train_step(core, loss_and_grad(loss), *args)
         else:
             h, c = core.start_sessions(h0, c0, ss, us, rows)
-            h_new = core.step(item, h, c)
+            h_new = core.session_step(item, h, c)
             value = LOSSES[loss](core.score_items(h_new, c, cand), valid)
             (value * valid.sum() / B).backward()  # empty slots weigh in as zero
             h_new, value = h_new.detach(), value.detach()
@@ -179,7 +179,7 @@ def test_training_and_evaluation_steps_give_equal_states(variant):
     with torch.no_grad():
         h_eval, c_eval = core.start_sessions(h0, c0, ss, us, rows)
         assert torch.equal(h_eval, h) and torch.equal(c_eval, c)
-        assert torch.equal(core.step(item, h_eval, c_eval), h_new)
+        assert torch.equal(core.session_step(item, h_eval, c_eval), h_new)
     assert not torch.equal(h_new, h)
 
 

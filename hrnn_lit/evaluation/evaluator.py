@@ -101,3 +101,33 @@ def breakdowns(outputs: dict[str, Tensor], ks, stage: str = "test") -> dict[str,
             out.update(metrics_from_ranks(outputs["rank"][sel], ks, prefix=prefix))
             out[f"{prefix}n_events"] = float(sel.sum())
     return out
+
+
+class Evaluation:
+    """The evaluation a LightningModule holds: one pass per stage (val, test), each
+    collecting the ranks of its chunks (``begin`` makes a fresh ``collector``), then metrics
+    (``finish``), kept per stage in ``metrics`` and ``outputs`` for results.json."""
+
+    def __init__(self, ks, ties: str = "conservative"):
+        self.ks = list(ks)
+        self.ties = ties
+        self.collector = RankCollector(ties, rank_cap=max(self.ks))
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.outputs: dict[str, dict[str, Tensor]] = {}
+
+    def begin(self) -> RankCollector:
+        self.collector = RankCollector(self.ties, rank_cap=max(self.ks))
+        return self.collector
+
+    def finish(
+        self, stage: str, gather: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, float]:
+        """The stage's metrics; ``gather`` concatenates across data-parallel ranks."""
+        metrics, outputs = self.collector.finish(stage, self.ks, gather)
+        self.metrics[stage], self.outputs[stage] = metrics, outputs
+        return metrics
+
+    def headline(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Recall and MRR at the largest K: the progress bar's share of the metrics."""
+        k = max(self.ks)
+        return {n: v for n, v in metrics.items() if n.endswith((f"/recall@{k}", f"/mrr@{k}"))}

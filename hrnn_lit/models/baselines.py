@@ -4,7 +4,7 @@ Each baseline is a LightningModule that is *fitted* from the fit split's ``Steps
 gradient step (``trainable = False``; ``run.py`` calls ``fit_data`` and then only
 ``trainer.validate`` / ``trainer.test``), and *evaluated* on exactly the chunks the recurrent
 models see (DESIGN §6): every slot replays its user's earlier sessions, then the scored
-targets are ranked against the whole catalogue by the same ``RankCollector``.
+targets are ranked against the whole catalogue by the same ``RankCollector`` (``evaluation.Evaluation``).
 
 Per-slot evaluation state follows the events a slot has walked through. At time step t a
 valid slot: (1) on ``user_start`` forgets everything; on ``session_start`` opens a new session
@@ -24,8 +24,8 @@ from torch import Tensor
 
 from hrnn_lit.data.batching import Steps
 from hrnn_lit.errors import ConfigError
-from hrnn_lit.evaluation.evaluator import RankCollector
-from hrnn_lit.evaluation.hooks import RankingEvalHooks
+from hrnn_lit.evaluation.evaluator import Evaluation
+from hrnn_lit.models.module import eval_gather, log_val
 
 WEIGHTINGS = ("same", "div", "quadratic", "log")  # V-SkNN position weight in the query
 SCORE_DECAYS = ("same", "div", "quadratic", "log")  # V-SkNN neighbour decay by match recency
@@ -99,7 +99,7 @@ def _check_choice(key: str, value, choices) -> None:
 
 
 # ------------------------------------------------------------------------------ the base
-class BaselineRecommender(RankingEvalHooks, pl.LightningModule):
+class BaselineRecommender(pl.LightningModule):
     """Shared fit/eval plumbing of the non-neural baselines.
 
     Subclasses implement ``fit_data`` (calling this one for the popularity counts),
@@ -127,10 +127,16 @@ class BaselineRecommender(RankingEvalHooks, pl.LightningModule):
         self.eval_block = eval_block
         counts = np.zeros(n_items) if item_counts is None else np.asarray(item_counts)
         self.register_buffer("pop", torch.as_tensor(counts, dtype=torch.float64), persistent=False)
-        self._collector = RankCollector(ties)
+        self.evaluation = Evaluation(ks, ties)
         self._slots = 0
-        self.eval_outputs: dict[str, dict[str, Tensor]] = {}
-        self.eval_metrics: dict[str, dict[str, float]] = {}
+
+    @property
+    def eval_metrics(self) -> dict[str, dict[str, float]]:
+        return self.evaluation.metrics
+
+    @property
+    def eval_outputs(self) -> dict[str, dict[str, Tensor]]:
+        return self.evaluation.outputs
 
     # ------------------------------------------------------------------ fitting
     def fit_data(self, steps: Steps) -> None:
@@ -179,26 +185,39 @@ class BaselineRecommender(RankingEvalHooks, pl.LightningModule):
                     yield t, r, self.score_rows(r, inp[t])
             self.record(valid[t], tgt[t])
 
-    @property
-    def eval_ks(self) -> list[int]:
-        return self.ks
+    def on_validation_epoch_start(self) -> None:
+        self._eval_begin()
 
-    @property
-    def eval_ties(self) -> str:
-        return self.ties
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_chunk(batch)
 
-    def _eval_reset(self) -> None:
-        """Forget all slot state (start of a validation/test pass)."""
+    def on_validation_epoch_end(self) -> None:
+        if len(self.evaluation.collector) or torch.distributed.is_initialized():
+            log_val(self, self.evaluation.finish("val", eval_gather()))
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_begin()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_chunk(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.evaluation.finish("test", eval_gather()))
+
+    def _eval_begin(self) -> None:
+        """A fresh rank collector; forget all slot state."""
+        self.evaluation.begin()
         self._slots = 0
 
     def _eval_chunk(self, batch: dict) -> None:
-        for t, rows, scores in self.iter_scores(batch):
-            self._collector.add(
-                scores,
-                batch["target"][t, rows],
-                batch["position"][t, rows],
-                batch["history"][t, rows],
-            )
+        with torch.autocast(batch["input"].device.type, enabled=False):  # float scores
+            for t, rows, scores in self.iter_scores(batch):
+                self.evaluation.collector.add(
+                    scores,
+                    batch["target"][t, rows],
+                    batch["position"][t, rows],
+                    batch["history"][t, rows],
+                )
 
 
 # ------------------------------------------------------------------------------- POP

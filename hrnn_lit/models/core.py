@@ -20,10 +20,35 @@ import torch
 from torch import Tensor, nn
 
 from hrnn_lit.models import native
+from hrnn_lit.models.api import Starts, State
 
 PROPAGATIONS = ("none", "init", "all")
 RESETS = ("session", "user")
 ACTIVATIONS = {"linear": lambda x: x, "tanh": torch.tanh, "relu": torch.relu}
+
+
+class _NativeGRUCell(torch.autograd.Function):
+    """``native.gru_forward`` with its own backward (``native.gru_backward``), so that the C
+    kernel can sit on an autograd path: the new state's gradient reaches gi, gh and h."""
+
+    @staticmethod
+    def forward(ctx, gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
+        h_new, rz, n = native.gru_forward(gi, gh, h)
+        ctx.save_for_backward(h, rz, n, gh)
+        return h_new
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        h, rz, n, gh = ctx.saved_tensors
+        dh = dh.contiguous()
+        out = native.gru_backward(dh, h, rz, n, gh)
+        assert out is not None  # the forward ran natively on the same tensors
+        dgi, dgh = out
+        return dgi, dgh, dh * rz[:, h.shape[1] :]  # h_new = (1 - z) n + z h
+
+
+def _needs_grad(*xs: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 def gru_gates(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -32,10 +57,13 @@ def gru_gates(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor
     rz = [r, z] [R, 2K], the candidate n [R, K]). The session GRU and the user GRU, in
     training and evaluation, all step through here: on CPU float32 through one native pass
     (``native.gru_forward``: its sigmoid and tanh round like torch's, not bit for bit),
-    elsewhere through torch's ops."""
-    out = native.gru_forward(gi, gh, h) if h.device.type == "cpu" else None
-    if out is not None:
-        return out
+    elsewhere through torch's ops. Where autograd records (the autograd engine), the native
+    pass runs inside ``_NativeGRUCell`` and only the new state is returned with a history
+    (rz and n are then None)."""
+    if h.device.type == "cpu" and native.gru_supported(gi, gh, h):
+        if _needs_grad(gi, gh, h):
+            return _NativeGRUCell.apply(gi, gh, h), None, None
+        return native.gru_forward(gi, gh, h)
     K = h.shape[1]
     rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])  # [R, 2K]
     n = torch.tanh(torch.addcmul(gi[:, 2 * K :], rz[:, :K], gh[:, 2 * K :]))  # [R, K]
@@ -106,6 +134,19 @@ class RecurrentCore(nn.Module):
                 self.out_u = nn.Embedding(n_items, U, sparse=True)
                 nn.init.zeros_(self.out_u.weight)
 
+    # ---- the model API (hrnn_lit.models.api): the state is (h [B, H], c [B, U])
+    def start(self, state: State, starts: Starts) -> State:
+        h, c = state
+        return self.start_sessions(h, c, starts.session, starts.user, starts.next_session_rows)
+
+    def step(self, items: Tensor, state: State) -> State:
+        h, c = state
+        return self.session_step(items, h, c), c
+
+    def score(self, state: State, items: Tensor | None = None) -> Tensor:
+        h, c = state
+        return self.score_all(h, c) if items is None else self.score_items(h, c, items)
+
     def initial_state(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
         h = torch.zeros(batch_size, self.hidden_size, device=device)
         c = torch.zeros(
@@ -142,7 +183,7 @@ class RecurrentCore(nn.Module):
             h = h.index_copy(0, next_rows, h_rows)
         return h, c
 
-    def step(self, item: Tensor, h: Tensor, c: Tensor) -> Tensor:
+    def session_step(self, item: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """One session-GRU step on input items [B]; returns the new h [B, H]."""
         H = self.hidden_size
         gi = self.item_in(item) + self.bias_in  # [B, 3H]

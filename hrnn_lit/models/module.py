@@ -1,20 +1,31 @@
-"""The LightningModule for the session RNN and every HRNN variant.
+"""The LightningModule that trains and evaluates any network of the model API
+(``hrnn_lit.models.api``): the built-in session RNN, RNN Concat and HRNN variants
+(``RecurrentCore``) or a user's own ``model.net``.
 
 One Lightning batch is a chunk of T time steps of the user-parallel plan ([T, B] tensors).
-Each time step is one optimiser update (no back-propagation through time, DESIGN §2), its
-forward and backward written by hand in ``models/update.py``: hidden states are carried
-from step to step without gradients, and across chunks on the module. With
-``cuda_graph=True`` (one GPU) each update is a replay of one captured CUDA graph of the same
-step (``models/graph_step.py``).
+Each time step is one optimiser update (no back-propagation through time, docs/design.md
+§2): states are carried from step to step detached, and across chunks on the module. Two
+engines make the update:
+- ``autograd``: the network's forward (``start``, ``step``, ``score``), the loss, and
+  ``manual_backward``; item tables get row-sparse gradients. Any network.
+- ``manual``: the built-in networks' update written by hand (``models/update.py``, with C
+  kernels on CPU) and, with ``cuda_graph=True`` on one GPU, replayed as one captured CUDA
+  graph (``models/graph_step.py``); evaluation replays only the rows that matter and ranks
+  the catalogue in blocks without the score matrix. Both are tested against the autograd
+  engine and the network's own forward.
+``engine="auto"`` picks ``manual`` for the built-in networks and ``autograd`` otherwise.
 Evaluation replays each user's history, then ranks every scored target against the whole
-catalogue; scored rows of a chunk are ranked together in blocks.
+catalogue.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_warn
@@ -22,18 +33,45 @@ from torch import Tensor
 
 from hrnn_lit import distributed
 from hrnn_lit.errors import ConfigError, NumericalError
-from hrnn_lit.evaluation.evaluator import RankCollector
-from hrnn_lit.evaluation.hooks import RankingEvalHooks
+from hrnn_lit.evaluation.evaluator import Evaluation
 from hrnn_lit.evaluation.ranking import catalogue_ranks
 from hrnn_lit.evaluation.replay import replay_scored
-from hrnn_lit.models import update
+from hrnn_lit.models import api, update
 from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.models.engine import build_net, resolve_engine
 from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_support
-from hrnn_lit.models.losses import distinct_loss_and_grad, loss_and_grad
+from hrnn_lit.models.losses import LOSSES, distinct_loss_and_grad, loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.models.sampling import PopularitySampler
 
-OPTIMIZERS = ("adagrad", "adam")  # see hrnn_lit.models.optim
+EVAL_BLOCK_SCORES = 4 << 20  # reference evaluation: scores per block of rows
+
+
+def eval_gather():
+    """How evaluation gathers per-event ranks: across data-parallel ranks, or not at all."""
+    dist = torch.distributed
+    parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed.gather_cat if parallel else None
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Scores for the loss and the ranks: float32 where autocast made them half precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def log_val(module: pl.LightningModule, metrics: dict[str, float]) -> None:
+    """Validation metrics to the loggers; recall and MRR at the largest K to the progress bar."""
+    head = module.evaluation.headline(metrics)
+    module.log_dict({k: v for k, v in metrics.items() if k not in head})
+    module.log_dict(head, prog_bar=True)
+
+
+def chunk_starts(batch: dict, t: int) -> api.Starts:
+    """The session and user starts of time step t of a chunk."""
+    lo, hi = batch["next_session_offsets"][t], batch["next_session_offsets"][t + 1]
+    return api.Starts(
+        batch["session_start"][t], batch["user_start"][t], batch["next_session_rows"][lo:hi]
+    )
 
 
 def _cpu_bf16() -> bool:
@@ -49,15 +87,20 @@ def _bf16_mixed(plugin) -> bool:
     return isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed"
 
 
-class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
-    """Session RNN (``user_propagation="none"``) or HRNN (``init`` / ``all``, optionally
-    ``user_to_output``), trained with a ranking loss over in-batch + sampled negatives."""
+class RecurrentRecommender(pl.LightningModule):
+    """A network of the model API trained with a ranking loss over in-batch + sampled
+    negatives. ``net``: a custom network's config (``_target_`` and its arguments; it gets
+    ``n_items``); None: the built-in ``RecurrentCore`` from the keys ``hidden_size`` ...
+    ``dropout_init`` (session RNN: ``user_propagation="none"``; HRNN: ``init`` / ``all``,
+    optionally ``user_to_output``)."""
 
     def __init__(
         self,
         n_items: int,
         item_counts: np.ndarray | list[int] | None = None,
         name: str = "hrnn_init",
+        net: dict | None = None,
+        engine: str = "auto",
         hidden_size: int = 100,
         user_hidden_size: int = 100,
         user_propagation: str = "init",
@@ -83,9 +126,13 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         cuda_graph: bool = False,
     ):
         super().__init__()
+        if net is not None and not isinstance(net, dict):
+            net = OmegaConf.to_container(net, resolve=True)  # plain: checkpoints load safely
         self.save_hyperparameters(ignore=["item_counts"])
         self.automatic_optimization = False
-        self.core = RecurrentCore(
+        if loss not in LOSSES:
+            raise ConfigError(f"model.loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        self.net = build_net(net, n_items) if net is not None else RecurrentCore(
             n_items,
             hidden_size=hidden_size,
             user_hidden_size=user_hidden_size,
@@ -97,8 +144,10 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             dropout_session=dropout_session,
             dropout_user=dropout_user,
             dropout_init=dropout_init,
-        )
+        )  # fmt: skip
+        self.engine = resolve_engine(engine, self.net, cuda_graph)
         loss_kwargs = {"bpreg": bpreg} if loss == "bpr-max" else {}
+        self.loss_fn = functools.partial(LOSSES[loss], **loss_kwargs)  # autograd engine
         self.loss_grad = loss_and_grad(loss, **loss_kwargs)
         # eager steps score each distinct candidate once where the loss allows it
         self.distinct_loss_grad = distinct_loss_and_grad(loss, **loss_kwargs)
@@ -106,14 +155,25 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
         self._graph: GraphStep | None = None
-        self._train_state: tuple[Tensor, Tensor] | None = None
+        self._train_state: api.State | None = None
         self._last_finite: tuple[int, Tensor] | None = None
         # chunks whose losses are not checked yet: (losses, epoch, batch, first update)
         self._unchecked: list[tuple[Tensor, int, int, int]] = []
-        self._eval_state: tuple[Tensor, Tensor] | None = None
-        self._collector = RankCollector(ties)
-        self.eval_outputs: dict[str, dict[str, Tensor]] = {}
-        self.eval_metrics: dict[str, dict[str, float]] = {}
+        self._eval_state: api.State | None = None
+        self.evaluation = Evaluation(ks, ties)
+
+    @property
+    def core(self) -> torch.nn.Module:
+        """The network (``net``; the name the built-in engine's code uses)."""
+        return self.net
+
+    @property
+    def eval_metrics(self) -> dict[str, dict[str, float]]:
+        return self.evaluation.metrics
+
+    @property
+    def eval_outputs(self) -> dict[str, dict[str, Tensor]]:
+        return self.evaluation.outputs
 
     # ------------------------------------------------------------- training
     def configure_optimizers(self):
@@ -232,15 +292,18 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         return torch.bfloat16 if bf16 else None
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        # the step chooses its own dtypes (mm_dtype); autocast would also cast the GRU's
-        # products and the hand-written gradients would no longer match the parameters
+        if self.engine == "autograd":  # the network's own dtypes (autocast where asked)
+            self._training_step(batch, batch_idx)
+            return
+        # the manual step chooses its own dtypes (mm_dtype); autocast would also cast the
+        # GRU's products and the hand-written gradients would no longer match the parameters
         with torch.autocast(batch["input"].device.type, enabled=False):
             self._training_step(batch, batch_idx)
 
     def _training_step(self, batch: dict, batch_idx: int) -> None:
         inp, tgt = batch["input"], batch["target"]
         T, B = inp.shape
-        h, c = self._train_state or self.core.initial_state(B, inp.device)
+        state = self._train_state or self.net.initial_state(B, inp.device)
         n_sample = self.hparams.n_sample
         if n_sample > 0:
             if self._sampler is None:
@@ -250,13 +313,15 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             samples = self._sampler.draw((T, n_sample))
         cand = tgt if n_sample == 0 else torch.cat([tgt, samples], dim=1)  # [T, B + S]
         losses = torch.zeros(T, device=inp.device)
-        if self.hparams.cuda_graph:
-            h, c = self._graph_chunk(batch, cand, h, c, losses)
+        if self.engine == "autograd":
+            state = self._autograd_chunk(batch, cand, state, losses)
+        elif self.hparams.cuda_graph:
+            state = self._graph_chunk(batch, cand, *state, losses)
         else:
-            h, c = self._eager_chunk(batch, cand, h, c, losses)
+            state = self._eager_chunk(batch, cand, *state, losses)
         self._unchecked.append((losses, self.current_epoch, batch_idx, self.global_step - T))
         self._check_finite(self._checks_behind())  # one host sync per chunk, not per step
-        self._train_state = (h, c)
+        self._train_state = state
         self.log(
             "train/loss",
             losses.mean(),
@@ -265,6 +330,35 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             prog_bar=True,
             batch_size=batch["n_events"],
         )
+
+    def _autograd_chunk(self, batch: dict, cand: Tensor, state: api.State, losses: Tensor):
+        """The chunk's updates through the network's forward and autograd: per time step,
+        the start rules, one step, the scores of the candidates, the loss (mean over valid
+        slots), ``manual_backward`` of it times the share of valid slots (as the manual
+        step: every slot weighs alike, an empty one as zero), and the optimiser step."""
+        step, _ = self._optimizer_step()
+        params = [p for p in self.parameters() if p.requires_grad]
+        clip = self.hparams.clip_grad_norm
+        inp, valid = batch["input"], batch["valid"]
+        B, n_sample = inp.shape[1], cand.shape[1] - inp.shape[1]
+        net = self.net
+        for t in range(inp.shape[0]):
+            state = api.detach(state)
+            if batch["any_start"][t]:
+                state = net.start(state, chunk_starts(batch, t))
+            state = net.step(inp[t], state)
+            scores = _at_least_float32(net.score(state, cand[t]))  # [B, B + S]
+            loss = self.loss_fn(scores, valid[t])
+            for p in params:  # = opt.zero_grad(set_to_none=True)
+                p.grad = None
+            self.manual_backward(loss * (valid[t].sum() / B))
+            if self._world_size > 1:  # data-parallel: average gradients over ranks
+                distributed.average_gradients(params, max_rows=B + n_sample)
+            if clip > 0:
+                clip_grad_norm_(params, clip)
+            step()
+            losses[t] = loss.detach()
+        return api.detach(state)
 
     def _graph_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
         """The chunk's updates as replays of one captured CUDA graph (``GraphStep``)."""
@@ -319,14 +413,7 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         return h, c
 
     def _start_sessions(self, batch: dict, t: int, h: Tensor, c: Tensor):
-        lo, hi = batch["next_session_offsets"][t], batch["next_session_offsets"][t + 1]
-        return self.core.start_sessions(
-            h,
-            c,
-            batch["session_start"][t],
-            batch["user_start"][t],
-            batch["next_session_rows"][lo:hi],
-        )
+        return self.net.start((h, c), chunk_starts(batch, t))
 
     def _checks_behind(self) -> int:
         """How many chunks' loss checks may wait: 1 on CUDA, where a chunk is checked once
@@ -375,22 +462,72 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         )
 
     # ----------------------------------------------------------- evaluation
-    @property
-    def eval_ks(self) -> list[int]:
-        return list(self.hparams.ks)
+    def on_validation_epoch_start(self) -> None:
+        self._eval_begin()
 
-    @property
-    def eval_ties(self) -> str:
-        return self.hparams.ties
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
 
-    def _eval_reset(self) -> None:
+    def on_validation_epoch_end(self) -> None:
+        if len(self.evaluation.collector) or torch.distributed.is_initialized():
+            log_val(self, self.evaluation.finish("val", eval_gather()))
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_begin()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.evaluation.finish("test", eval_gather()))
+
+    def _eval_begin(self) -> None:
+        self.evaluation.begin()
         self._eval_state = None
+
+    def _eval_step(self, batch: dict) -> None:
+        # ranks come from float32 scores under any trainer precision (bf16 scores would tie)
+        with torch.autocast(batch["input"].device.type, enabled=False):
+            if self.engine == "manual":
+                self._eval_chunk(batch)
+            else:
+                self._eval_chunk_reference(batch)
+
+    def replay(self, batch: dict, state: api.State | None = None) -> tuple[api.State, api.State]:
+        """Run the network over a chunk without updates: the states of the scored entries
+        (``batch["score"]`` order, step-major) and the final state."""
+        inp, net = batch["input"], self.net
+        state = state or net.initial_state(inp.shape[1], inp.device)
+        score = batch["score"].cpu().numpy()
+        scored = []
+        for t in range(inp.shape[0]):
+            if batch["any_start"][t]:
+                state = net.start(state, chunk_starts(batch, t))
+            state = net.step(inp[t], state)
+            if score[t].any():
+                scored.append(api.select(state, torch.from_numpy(score[t]).to(inp.device)))
+        return (api.cat(scored) if scored else api.select(state, [])), state
+
+    def _eval_chunk_reference(self, batch: dict) -> None:
+        """Any network: replay every row, score the whole catalogue ([rows, n_items] in
+        blocks of rows), rank each target against it."""
+        scored, self._eval_state = self.replay(batch, self._eval_state)
+        if batch["n_scored"] == 0:
+            return
+        mask = batch["score"]
+        targets, position, history = (batch[k][mask] for k in ("target", "position", "history"))
+        n_items = int(self.item_counts.numel())
+        rows = max(1, min(self.hparams.eval_block, EVAL_BLOCK_SCORES // n_items))
+        for lo in range(0, targets.numel(), rows):
+            part = slice(lo, lo + rows)
+            scores = _at_least_float32(self.net.score(api.select(scored, part)))  # [rows, n]
+            self.evaluation.collector.add(scores, targets[part], position[part], history[part])
 
     def unroll(
         self, batch: dict, state: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """Run the core over a chunk without updates: h [T, B, H], c [T, B, U] after each
-        step, and the final state to carry into the next chunk."""
+        """The built-in network over a chunk without updates: h [T, B, H], c [T, B, U]
+        after each step, and the final state to carry into the next chunk."""
         inp = batch["input"]
         T, B = inp.shape
         h, c = state or self.core.initial_state(B, inp.device)
@@ -398,16 +535,18 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
         for t in range(T):
             if batch["any_start"][t]:
                 h, c = self._start_sessions(batch, t, h, c)
-            h = self.core.step(inp[t], h, c)
+            h = self.core.session_step(inp[t], h, c)
             hs.append(h)
             cs.append(c)
         return torch.stack(hs), torch.stack(cs), (h, c)
 
     def _eval_chunk(self, batch: dict) -> None:
+        """The built-in network: the replay on the rows that can matter (CPU) and the
+        catalogue ranked in blocks without the score matrix; equal to the reference."""
         core, inp = self.core, batch["input"]
         if inp.device.type == "cpu":  # the step on the rows that can matter only (same bits)
             h_sel, c_sel, self._eval_state = replay_scored(
-                core.step,
+                core.session_step,
                 lambda t, h, c: self._start_sessions(batch, t, h, c),
                 batch,
                 self._eval_state or core.initial_state(inp.shape[1], inp.device),
@@ -415,13 +554,13 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
                 start_rows=core.start_sessions,
             )
         else:
-            hs, cs, self._eval_state = self.unroll(batch, self._eval_state)
-            h_sel, c_sel = hs[batch["score"]], cs[batch["score"]]
+            (h_sel, c_sel), self._eval_state = self.replay(batch, self._eval_state)
         if batch["n_scored"] == 0:
             return
         mask = batch["score"]
         targets, position, history = (batch[k][mask] for k in ("target", "position", "history"))
         user_w = core.out_u.weight if core.user_to_output else None
+        collector = self.evaluation.collector
         # = target_ranks(core.score_all(h, c), ...) in row blocks of at most eval_block;
         # on CPU without materialising the score matrix
         ranks = catalogue_ranks(
@@ -429,11 +568,11 @@ class RecurrentRecommender(RankingEvalHooks, pl.LightningModule):
             targets,
             core.out_w.weight,
             core.out_b.weight,
-            self._collector.ties,
+            collector.ties,
             user=c_sel if user_w is not None else None,
             user_weight=user_w,
             act=self.hparams.final_act,
             max_rows=self.hparams.eval_block,
-            rank_cap=self._collector.rank_cap,
+            rank_cap=collector.rank_cap,
         )
-        self._collector.add_ranks(ranks, position, history, core.out_w.num_embeddings)
+        collector.add_ranks(ranks, position, history, core.out_w.num_embeddings)

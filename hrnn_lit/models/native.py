@@ -442,16 +442,21 @@ def _plain(*tensors: Tensor) -> bool:
     )
 
 
+def gru_supported(gi: Tensor, gh: Tensor, h: Tensor) -> bool:
+    """Whether ``gru_forward`` takes these tensors (CPU float32 contiguous, gi and gh
+    [R, 3K] for h [R, K]) and the library is available."""
+    R, K = h.shape
+    return _plain(gi, gh, h) and gi.shape == gh.shape == (R, 3 * K) and load() is not None
+
+
 def gru_forward(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """GRU cell on gi, gh [R, 3K] (biases included) and h [R, K]: (h_new [R, K],
     sigmoid gates rz [R, 2K], candidate n [R, K]) as ``core.gru_gates`` defines them. None
     where the library is unavailable or the tensors are not CPU float32 contiguous."""
+    if not gru_supported(gi, gh, h):
+        return None
     R, K = h.shape
-    if not (_plain(gi, gh, h) and gi.shape == gh.shape == (R, 3 * K)):
-        return None
     lib = load()
-    if lib is None:
-        return None
     h_new, rz, n = h.new_empty(R, K), h.new_empty(R, 2 * K), h.new_empty(R, K)
     lib.gru_forward(
         gi.data_ptr(), gh.data_ptr(), h.data_ptr(), R, K, h_new.data_ptr(), rz.data_ptr(),

@@ -1,0 +1,90 @@
+"""The model API: what a network implements to be trained, replayed and evaluated by
+hrnn_lit (docs/design.md §10).
+
+A network is a forward-only ``nn.Module`` whose constructor takes ``n_items`` (the catalogue
+size) plus its own hyperparameters, and which defines four methods over a *state*: a tuple
+of tensors whose first dimension is the B batch slots (any number of tensors, any shapes
+after the first dimension).
+
+- ``initial_state(batch_size, device) -> state``: the state of fresh slots;
+- ``start(state, starts) -> state``: the rules at session and user starts (``Starts``),
+  applied before the step of the time step where they happen;
+- ``step(items, state) -> state``: one step on the slots' input items [B];
+- ``score(state, items) -> scores``: scores [B, N] of candidate items [N] (training: the
+  slots' targets, then sampled negatives), or of the whole catalogue [B, n_items] when
+  ``items`` is None (evaluation).
+
+hrnn_lit does the rest: user-parallel slots, masking of empty slots, sampled negatives, the
+losses, one optimiser update per time step with states carried detached (no
+back-propagation through time), history replay and full-catalogue ranking, checkpoints and
+data-parallel gradient averaging. Item tables declared as ``nn.Embedding(..., sparse=True)``
+get row-sparse gradients, and the optimisers update only the rows a step touched.
+A slot's result must depend on its own row only (no batch statistics across slots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+State = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Starts:
+    """What happens at one time step's session boundaries, per slot.
+
+    ``session`` [B] bool: the slot starts a session (its user's first one, or the next one);
+    ``user`` [B] bool: the slot starts a new user (its state must be reset, whatever it was);
+    ``next_session_rows`` [R] int64: the slots with ``session & ~user``, i.e. a known user's
+    next session (where a hierarchical model updates its user state)."""
+
+    session: Tensor
+    user: Tensor
+    next_session_rows: Tensor
+
+    def rows(self, idx: Tensor) -> Starts:
+        """The same starts for the slots ``idx`` only (evaluation on a subset of rows)."""
+        session, user = self.session[idx], self.user[idx]
+        return Starts(session, user, (session & ~user).nonzero().view(-1))
+
+
+@runtime_checkable
+class SessionModel(Protocol):
+    """The four methods of the model API (see the module docstring)."""
+
+    def initial_state(self, batch_size: int, device: torch.device) -> State: ...
+
+    def start(self, state: State, starts: Starts) -> State: ...
+
+    def step(self, items: Tensor, state: State) -> State: ...
+
+    def score(self, state: State, items: Tensor | None = None) -> Tensor: ...
+
+
+def check_model(net: torch.nn.Module, name: str = "model.net") -> None:
+    """Raise TypeError naming what ``net`` lacks of the model API."""
+    missing = [
+        m
+        for m in ("initial_state", "start", "step", "score")
+        if not callable(getattr(net, m, None))
+    ]
+    if missing:
+        raise TypeError(f"{name}: {type(net).__name__} lacks {', '.join(missing)} of the model API")
+
+
+def detach(state: State) -> State:
+    return tuple(x.detach() for x in state)
+
+
+def select(state: State, idx: Tensor) -> State:
+    """The slots ``idx`` of every tensor of the state."""
+    return tuple(x[idx] for x in state)
+
+
+def cat(states: list[State]) -> State:
+    """States of row sets concatenated along the slots."""
+    return tuple(torch.cat(xs) for xs in zip(*states))
