@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hrnn_lit.models import native
+from hrnn_lit.models.api import Starts
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.losses import LOSSES, distinct_loss_and_grad, loss_and_grad
 from hrnn_lit.models.update import (
@@ -95,9 +96,10 @@ def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5, on_distinct
             args = (item, h, c, cand, valid, st, None, None, dl)
             h_new, value = train_step(core, loss_and_grad(loss), *args)
         else:
-            h, c = core.start_sessions(h0, c0, ss, us, rows)
-            h_new = core.session_step(item, h, c)
-            value = LOSSES[loss](core.score_items(h_new, c, cand), valid)
+            # the reference: the network's model API, as the autograd engine runs it
+            state = core.start((h0, c0), Starts(ss, us, rows))
+            h_new, c = core.step(item, state)
+            value = LOSSES[loss](core.score((h_new, c), cand), valid)
             (value * valid.sum() / B).backward()  # empty slots weigh in as zero
             h_new, value = h_new.detach(), value.detach()
         results.append((value, h_new, dense_grads(core)))
