@@ -1,6 +1,13 @@
 """hrnn_lit: session-only and hierarchical RNN recommenders on Lightning + Hydra."""
 
+import os as _os
 import warnings as _warnings
+
+# Idle OpenMP threads sleep instead of spinning (GNU OpenMP spins by default): on cores
+# shared with other jobs a spinning thread takes CPU time that the jobs' working threads
+# need. OpenMP reads this once, when torch loads it: so here, before anything imports
+# torch. An explicit OMP_WAIT_POLICY=ACTIVE in the environment wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

@@ -1,124 +1,28 @@
-"""Data-parallel training over N processes (``trainer.devices=N``), one Lightning process
-per rank.
+"""Collectives of data-parallel training: every rank calls them at the same point.
 
-Why not Lightning's DDP strategy: hrnn_lit makes one optimiser update per time step, many
-per Lightning batch, and torch's DistributedDataParallel reducer supports one backward per
-forward. So each rank runs a single-device Trainer, and the module averages gradients
-across ranks after every backward (dense grads: one all-reduce; row-sparse item-table
-grads: one all-gather of the touched rows), keeping the rows-only updates.
-
-Ranks are created in one of two ways:
-- by hrnn_lit: the job's process is rank 0 and starts ranks 1..N-1 as
-  ``python -m hrnn_lit.distributed CONFIG RANK WORLD PORT`` on the job's resolved config.
-  The workers never go through Hydra, so a Hydra multirun is never re-launched;
-- externally, by torchrun or SLURM (``RANK``/``WORLD_SIZE`` or ``SLURM_PROCID``/
-  ``SLURM_NTASKS`` in the environment; with submitit set tasks_per_node = trainer.devices).
+hrnn_lit makes one optimiser update per time step, many per Lightning batch, and torch's
+DistributedDataParallel reducer supports one backward per forward. So each rank runs a
+single-device Trainer, and the module averages gradients across ranks after every backward
+(dense grads: one all-reduce; row-sparse item-table grads: one all-gather of the touched
+rows), keeping the rows-only updates. The ranks and their process group come from
+hrnn_lit/launch.py.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-WORKER_ENV = "HRNN_LIT_WORKER"
 
+def replicate(module: torch.nn.Module, device: torch.device) -> None:
+    """Move ``module`` to this rank's device, then give it rank 0's parameters and buffers.
 
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    workers: list[subprocess.Popen] = field(default_factory=list)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _external() -> tuple[int, int, int] | None:
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        return (
-            int(env["SLURM_PROCID"]),
-            int(env["SLURM_NTASKS"]),
-            int(env.get("SLURM_LOCALID", 0)),
-        )
-    return None
-
-
-def setup(cfg: DictConfig) -> World:
-    """Join or create the process group for ``trainer.devices`` ranks (1: nothing to do)."""
-    devices = cfg.trainer.get("devices", 1)
-    n = devices if isinstance(devices, int) else 1
-    if dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    backend = "nccl" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "gloo"
-    if WORKER_ENV in os.environ:  # started by rank 0 below
-        rank, size, port = (int(x) for x in os.environ[WORKER_ENV].split(","))
-        _init(backend, f"tcp://127.0.0.1:{port}", rank, size)
-        return World(rank, size, rank)
-    external = _external()
-    if external is not None:
-        rank, size, local = external
-        if size > 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
-            _init(backend, "env://", rank, size)
-        return World(rank, size, local)
-    if n <= 1:
-        return World()
-    port = _free_port()
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / ".ddp_config.yaml"
-    OmegaConf.save(cfg, cfg_file, resolve=True)
-    workers = []
-    for rank in range(1, n):
-        env = {**os.environ, WORKER_ENV: f"{rank},{n},{port}"}
-        log = open(out / f".ddp_rank{rank}.log", "w")  # noqa: SIM115 - closed with the process
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "hrnn_lit.distributed", str(cfg_file)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    _init(backend, f"tcp://127.0.0.1:{port}", 0, n)
-    return World(0, n, 0, workers)
-
-
-def _init(backend: str, init_method: str, rank: int, size: int) -> None:
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
-
-
-def teardown(world: World, failed: bool = False) -> None:
-    """Leave the process group; rank 0 waits for its workers and reports a failed one."""
-    if world.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-    for w in world.workers:
-        if failed:
-            w.terminate()
-        code = w.wait()
-        if code != 0 and not failed:
-            raise RuntimeError(f"a DDP worker exited with status {code}; see .ddp_rank*.log")
+    In this order: NCCL only moves device tensors, and every rank must start identical.
+    """
+    module.to(device)
+    for t in module.state_dict().values():
+        dist.broadcast(t, 0)
 
 
 def gather_cat(t: Tensor) -> Tensor:
@@ -197,15 +101,3 @@ def check_in_sync(module: torch.nn.Module) -> None:
     dist.all_gather(parts, total)
     if not all(torch.equal(parts[0], q) for q in parts[1:]):
         raise RuntimeError("data-parallel ranks hold different parameters after training")
-
-
-def _worker_main(cfg_file: str) -> None:
-    """Entry of ranks 1..N-1: the resolved job config, no Hydra."""
-    from hrnn_lit.run import train
-
-    cfg = OmegaConf.load(cfg_file)
-    train(cfg)
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1])

@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hrnn_lit import distributed, runtime
+from hrnn_lit import distributed, launch, runtime
 from hrnn_lit import checkpoints
 from hrnn_lit.callbacks import RunRecord, Throughput
 from hrnn_lit.config import validate
@@ -151,23 +151,22 @@ def prepare(cfg: DictConfig) -> dict:
 def train(cfg: DictConfig) -> dict:
     """Fit on the fit split (``mode=train``; ``mode=test`` loads ``ckpt_path`` instead), test
     on the test split, write results.json. With ``trainer.devices=N > 1`` this runs as rank
-    0 of N data-parallel processes (hrnn_lit.distributed)."""
-    world = distributed.setup(cfg)
+    0 of N data-parallel processes (hrnn_lit.launch)."""
+    world = launch.setup(cfg)
     ok = False
     try:
         results = _train_rank(cfg, world)
         ok = True
     finally:
-        distributed.teardown(world, failed=not ok)
+        launch.teardown(world, failed=not ok)
     return results
 
 
-def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
+def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
     runtime.keep_freed_memory()
-    if cfg.get("num_threads"):
-        torch.set_num_threads(cfg.num_threads)
-    elif world.size > 1:  # N processes on one machine: share the cores, don't oversubscribe
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
+    # default: the CPUs this process may use, shared by this machine's ranks (and by a
+    # joblib multirun's jobs); fewer later if the cores turn out shared (ContentionGuard)
+    torch.set_num_threads(cfg.get("num_threads") or runtime.default_threads(world.local_size))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     ckpt_file, ckpt, note = _read_checkpoint(cfg)  # mode=test: the checkpoint's model config
@@ -211,13 +210,14 @@ def _train_rank(cfg: DictConfig, world: distributed.World) -> dict:
                 f"resuming from {ckpt_file} (epoch {resumed['epoch']}, update "
                 f"{resumed['global_step']})" + (f"; changed: {changed} (applied)" if changed else "")
             )
+    if torch.distributed.is_initialized():  # on this rank's device, then rank 0's weights
+        distributed.replicate(model, world.device)
     if world.size > 1:
-        for p in model.state_dict().values():
-            torch.distributed.broadcast(p, 0)
         torch.manual_seed(cfg.seed * 1000 + world.rank)  # own negatives and dropout per rank
     throughput = Throughput()
     record = RunRecord(OmegaConf.to_container(cfg.model, resolve=True))
-    callbacks = [throughput, record]
+    guard = runtime.ContentionGuard(adapt=not cfg.get("num_threads"))
+    callbacks = [throughput, record, guard]
     loggers = []
     if world.is_main:
         callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -321,6 +321,7 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_fi
         "data/n_test_users_without_history": dm.n_without_history["test"],
         "perf/train_events_per_s": throughput.train_events_per_s,
         "perf/eval_events_per_s": throughput.eval_events_per_s,
+        "perf/num_threads": torch.get_num_threads(),  # at the end (fewer on shared cores)
         **model.eval_metrics.get("val", {}),
         **model.eval_metrics["test"],
         **breakdowns(model.eval_outputs["test"], list(cfg.eval.ks)),

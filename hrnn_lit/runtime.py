@@ -1,10 +1,17 @@
-"""Process-level settings that make the per-step training loop fast on CPU."""
+"""Process-level settings that make the per-step training loop fast on CPU: malloc's
+reuse of freed blocks, the torch thread count, and what to do when the cores are shared."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -28,3 +35,145 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 
     ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
     ok = mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok
     return mallopt(_M_TOP_PAD, 16 << 20) == 1 and ok
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota
+    (a container or a SLURM job limited to fewer CPUs than the machine has)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(n, int(quota)) if quota is not None else n)
+
+
+def _cgroup_quota() -> float | None:
+    """The tightest CPU quota (CPUs) over this process's cgroup and its parents, if any."""
+    limits = []
+    root = Path("/sys/fs/cgroup")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: cpu.max = "QUOTA PERIOD" or "max PERIOD"
+            d = root / path.lstrip("/")
+            while True:
+                limits.append(_read_quota(d / "cpu.max"))
+                if d == root or root not in d.parents:
+                    break
+                d = d.parent
+        elif "cpu" in controllers.split(","):  # cgroup v1
+            for base in (root / "cpu,cpuacct", root / "cpu"):
+                d = base / path.lstrip("/")
+                limits.append(_read_quota(d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us"))
+    found = [q for q in limits if q is not None]
+    return min(found) if found else None
+
+
+def _read_quota(quota_file: Path, period_file: Path | None = None) -> float | None:
+    try:
+        if period_file is None:
+            quota, period = quota_file.read_text().split()[:2]
+        else:
+            quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return int(quota) / int(period)
+
+
+def default_threads(local_ranks: int = 1) -> int:
+    """torch threads of a run that does not set ``num_threads``.
+
+    ``OMP_NUM_THREADS`` when set: the user's choice, and what joblib's workers get
+    (usable CPUs // n_jobs, so a joblib multirun splits the cores among its jobs). Else
+    ``SLURM_CPUS_PER_TASK`` where SLURM gives each rank its own CPUs, else the usable CPUs
+    shared among the ranks on this machine.
+    """
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), usable_cpus()) if var.startswith("SLURM") else int(value)
+    return max(1, usable_cpus() // max(1, local_ranks))
+
+
+def _thread_times() -> tuple[int, int]:
+    """(ns on a CPU, ns waiting in a run queue) summed over this process's threads."""
+    on_cpu = waiting = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()
+        except OSError:  # the thread ended
+            continue
+        on_cpu += int(fields[0])
+        waiting += int(fields[1])
+    return on_cpu, waiting
+
+
+class ContentionGuard(pl.Callback):
+    """Notice during training when this run's threads queue for CPUs that other processes
+    hold, and then run on fewer threads.
+
+    Why: each training step is a chain of short parallel regions, and a region ends when
+    its slowest thread does; on shared cores one descheduled thread stalls every region, so
+    N threads on N busy cores can be far slower than one thread. Every ``window_s`` seconds
+    of training it reads the run-queue wait of this process's threads (Linux schedstat: a
+    few small files); when they waited more than ``threshold`` of the time, an automatic
+    thread count (``adapt``) drops to the CPUs the run actually got, and rank 0 prints one
+    line (also with a fixed count, which it leaves alone). The count only goes down, so
+    a run's results stay those of one of the thread counts it used.
+    """
+
+    def __init__(
+        self, adapt: bool, window_s: float = 2.0, threshold: float = 0.25, verbose: bool = True
+    ) -> None:
+        self.adapt = adapt
+        self.window_s = window_s
+        self.threshold = threshold
+        self.verbose = verbose
+        self.warned = False
+        self._start: tuple[float, int, int] | None = None
+        self.enabled = Path("/proc/self/task").is_dir()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = None  # time between epochs (validation, loading) is not measured
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = (now, *_thread_times())
+            return
+        if now - self._start[0] >= self.window_s:
+            self.check(now, *_thread_times(), is_main=trainer.is_global_zero)
+
+    def check(self, now: float, on_cpu: int, waiting: int, is_main: bool = True) -> None:
+        t0, cpu0, wait0 = self._start
+        self._start = (now, on_cpu, waiting)
+        threads = torch.get_num_threads()
+        wall_ns = (now - t0) * 1e9
+        waited = (waiting - wait0) / (wall_ns * threads)
+        if waited <= self.threshold:
+            return
+        got = (on_cpu - cpu0) / wall_ns  # CPUs this process actually had
+        fewer = max(1, min(threads - 1, round(got)))
+        message = None
+        if self.adapt and threads > 1:
+            torch.set_num_threads(fewer)
+            message = f"training on {fewer} thread(s) instead of {threads}"
+        elif not self.warned:
+            message = f"throughput is throttled at {threads} thread(s)"
+        if message and is_main and self.verbose:
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            print(
+                f"hrnn_lit: shared CPUs: this run's threads waited for a CPU {waited:.0%} of "
+                f"the time (load {load:.1f} on {usable_cpus()} usable CPUs); {message}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.warned = True
