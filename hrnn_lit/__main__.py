@@ -1,27 +1,174 @@
-"""Hydra entry point: ``python -m hrnn_lit [overrides]`` (config root: conf/)."""
+"""Hydra entry point: ``python -m hrnn_lit [overrides]`` (config root: conf/).
+
+Errors a user can fix come out as one line and exit status 2: hrnn_lit's own (``HrnnError``)
+and unknown config keys, which Hydra reports either at composition (``key=value`` on a key
+the config lacks) or, after ``+key=value``, as a ``TypeError`` of the class that receives
+it. Both become ``error: unknown key K; did you mean M?`` with M the closest key of the
+composed config.
+"""
 
 from __future__ import annotations
 
+import difflib
+import io
+import re
 import sys
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit.errors import HrnnError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+_UNKNOWN_AT_COMPOSE = re.compile(r"Could not override '([^']+)'")
+_UNKNOWN_KWARG = re.compile(r"unexpected keyword argument '([^']+)'")
+_FULL_KEY = re.compile(r"full_key: (\S+)")
+
+
+def config_keys(cfg: DictConfig) -> list[str]:
+    """Every dotted key of a config (interpolations left unresolved), Hydra's node excluded."""
+    keys: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            keys.append(key)
+            if isinstance(v, dict):
+                walk(v, f"{key}.")
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    walk(container, "")
+    return keys
+
+
+def unknown_key_line(key: str, keys: list[str]) -> str:
+    """``error: unknown key K[; did you mean M?]``: M is the sibling of K with the closest
+    name, or, where K's parent is itself unknown, the closest key of the config."""
+    keys = [k for k in keys if k != key]  # a key added with +key=value is in the config
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    if siblings:
+        match = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1)]
+    else:
+        match = difflib.get_close_matches(key, keys, n=1)
+    hint = f"; did you mean {match[0]}?" if match else ""
+    return f"error: unknown key {key}{hint}"
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The ``key=value`` overrides of a command line (Hydra's flags and their values left out)."""
+    takes_value = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir"}
+    takes_value |= {"-c", "--cfg", "-p", "--package", "--info", "--experimental-rerun"}
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in takes_value:
+            skip = True
+        elif not arg.startswith("-") and "=" in arg:
+            out.append(arg)
+    return out
+
+
+def _composed_keys(overrides: list[str]) -> list[str]:
+    """Keys of conf/ composed with these overrides ([] where they do not compose)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return config_keys(compose("config", overrides=overrides))
+    except Exception:
+        return []
+
+
+def compose_error_line(message: str, argv: list[str]) -> str | None:
+    """Hydra's "Key ... is not in struct" failure as one line, else None."""
+    m = _UNKNOWN_AT_COMPOSE.search(message)
+    if m is None or "not in struct" not in message:
+        return None
+    key = m.group(1)
+    others = [o for o in _overrides(argv) if o.split("=", 1)[0].lstrip("+~") != key]
+    return unknown_key_line(key, _composed_keys(others))
+
+
+def kwarg_error_line(error: BaseException, cfg: DictConfig) -> str | None:
+    """An instantiated class's "unexpected keyword argument" failure as one line, else None."""
+    text = "\n".join(str(e) for e in (error, error.__cause__) if e is not None)
+    m, node = _UNKNOWN_KWARG.search(text), _FULL_KEY.search(text)
+    if m is None or node is None:
+        return None
+    return unknown_key_line(f"{node.group(1)}.{m.group(1)}", config_keys(cfg))
+
+
+class _HeldStderr:
+    """Keeps what is written to stderr until the task starts, so that a composition error
+    that hrnn_lit rewrites as one line is not printed twice."""
+
+    def __init__(self) -> None:
+        self.real = sys.stderr
+        self.buffer = io.StringIO()
+        sys.stderr = self.buffer
+
+    def release(self) -> str:
+        """Restore stderr; return what was held (not yet written)."""
+        if sys.stderr is self.buffer:
+            sys.stderr = self.real
+        text, self.buffer = self.buffer.getvalue(), io.StringIO()
+        return text
+
+
+_held: _HeldStderr | None = None
+
+
+def _release_stderr() -> None:
+    if _held is not None:
+        sys.stderr.write(_held.release())
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    _release_stderr()
+    from hrnn_lit.quiet import quiet
     from hrnn_lit.run import run  # heavy imports after Hydra has parsed the command line
 
+    quiet()
     try:
         results = run(cfg)
     except HrnnError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        line = kwarg_error_line(e, cfg)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        sys.exit(2)
     metric = cfg.get("optimized_metric")
     return results.get(metric) if metric else None
 
 
+def cli() -> None:
+    """``main`` with composition errors about unknown keys turned into one line."""
+    global _held
+    argv = sys.argv[1:]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    _held = None if multirun else _HeldStderr()  # a sweep's jobs print as they go
+    try:
+        main()
+    except SystemExit as e:
+        held = _held.release() if _held is not None else ""
+        line = compose_error_line(held, argv) if e.code not in (0, None) else None
+        if line is not None:
+            print(line, file=sys.stderr)
+            sys.exit(2)
+        sys.stderr.write(held)
+        raise
+    finally:
+        _release_stderr()
+
+
 if __name__ == "__main__":
-    main()
+    cli()
