@@ -134,6 +134,7 @@ class Config:
     model: str  # session_rnn | hrnn_init
     ref: Setting | None = None  # the reference's setting when not ``setting``
     kind: str = "train"  # train | events (linearity in events)
+    engine: str = "manual"  # model.engine of ours (the plain loop is always the manual step)
 
 
 A = Setting("gru4rec", "cross-entropy", 100, 128, 2048, 20_000, chunks=5, eval_events=8000)
@@ -151,7 +152,12 @@ CONFIGS = {
     "a_session_rnn_200k": Config(A200, "session_rnn", ref=A),
     "a_session_rnn_bf16": Config(A_BF16, "session_rnn", ref=A),
     "a_events": Config(A, "session_rnn", kind="events"),
+    # the autograd engine (the networks' own forward + autograd) and the example user model
+    "a_session_rnn_autograd": Config(A, "session_rnn", engine="autograd"),
+    "a_hrnn_init_autograd": Config(A, "hrnn_init", engine="autograd"),
+    "a_attention_hrnn": Config(A, "attention_hrnn", engine="autograd"),
 }
+AUTOGRAD_CONFIGS = [n for n, c in CONFIGS.items() if c.engine == "autograd"]
 
 
 class Job(NamedTuple):
@@ -166,6 +172,7 @@ class Job(NamedTuple):
     args: argparse.Namespace
     chunks: int | None
     epochs: int
+    engine: str = "manual"
 
 
 def quick_setting(s: Setting) -> Setting:
@@ -245,6 +252,9 @@ def catalogue(dm, size: int | None):
 
 
 def model_kwargs(s: Setting, model: str) -> dict:
+    if model == "attention_hrnn":  # the example network of the model API
+        net = "hrnn_lit.models.attention_hrnn.AttentionHRNN"
+        return dict(net={"_target_": net, "hidden_size": s.hidden})
     hier = model != "session_rnn"
     return dict(
         hidden_size=s.hidden,
@@ -318,7 +328,7 @@ def _chunk_timer(warmup: int, device):
 
 def run_ours(job: Job, evaluate: bool, warmup: int | None = None) -> dict:
     """Fit (and test) the real LightningModule with a real Trainer."""
-    s, model, dm, n_items, counts, args, chunks, epochs = job
+    s, model, dm, n_items, counts, args, chunks, epochs, engine = job
     import pytorch_lightning as pl
     import torch
 
@@ -335,7 +345,8 @@ def run_ours(job: Job, evaluate: bool, warmup: int | None = None) -> dict:
         sample_alpha=s.sample_alpha,
         optimizer="adagrad",
         lr=LR,
-        cuda_graph=args.cuda_graph,
+        cuda_graph=args.cuda_graph and engine == "manual",
+        engine=engine,
         **model_kwargs(s, model),
     )
     device = torch.device(args.device)
@@ -406,7 +417,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
     no Lightning), timed per phase. ``sync_phases`` synchronises CUDA between phases.
     ``graph`` (default ``--cuda-graph``): each update a replay of one CUDA graph, timed as
     forward."""
-    s, model, dm, n_items, counts, args, chunks, epochs = job
+    s, model, dm, n_items, counts, args, chunks, epochs, _ = job
     import torch
 
     from hrnn_lit.models import update
@@ -566,20 +577,21 @@ def bench_train(name: str, cfg: Config, args) -> dict:
     setup_s = time.perf_counter() - t_setup
     chunks, epochs = args.chunks or s.chunks, args.epochs
     with_ref = cfg.model != "session_rnn" or cfg.ref is not None
+    no_plain = cfg.model == "attention_hrnn"  # no hand-written step: the reference only
     _log(
         f"{name}: {len(dm.fit_steps):,} training events, {dm.n_items:,} items (catalogue "
         f"{n_items:,}), {int(test.score.sum()):,} scored of {n_test_scored:,} test events "
         f"evaluated; setup {setup_s:.1f}s"
     )
     runs: dict[str, list[dict]] = {"ours": [], "plain": [], "ref": []}
-    main = Job(s, cfg.model, dm, n_items, counts, args, chunks, epochs)
+    main = Job(s, cfg.model, dm, n_items, counts, args, chunks, epochs, cfg.engine)
     ref = Job(ref_s, "session_rnn", dm, ref_items, ref_counts, args, chunks, epochs)
     jobs = {
         "ours": lambda: run_ours(main, True),
         "plain": lambda: run_plain(main),
         "ref": lambda: run_plain(ref),
     }
-    order = ["ours", "plain"] + (["ref"] if with_ref else [])
+    order = ["ours"] + ([] if no_plain else ["plain"]) + (["ref"] if with_ref else [])
     rss = None
     for r in range(args.repeats):
         for job in order if r % 2 == 0 else order[::-1]:
@@ -591,6 +603,8 @@ def bench_train(name: str, cfg: Config, args) -> dict:
             _log(f"{name} repeat {r} {job}: {_eps(res):,.0f} train ev/s{extra}")
     if not with_ref:
         runs["ref"] = runs["plain"]
+    if no_plain:
+        runs["plain"] = runs["ref"]
     if args.device == "cuda":  # the timed runs had no syncs: split phases in one more pass
         profile = [run_plain(main, True, graph=False)]  # (a graph has no phases)
     else:
@@ -605,6 +619,7 @@ def bench_train(name: str, cfg: Config, args) -> dict:
         "kind": "train",
         "setting": dataclasses.asdict(s),
         "model": cfg.model,
+        "engine": cfg.engine,
         "n_items": n_items,
         "n_items_data": dm.n_items,
         "train_events_per_epoch": len(dm.fit_steps),
@@ -806,6 +821,20 @@ def compute_ratios(res: dict) -> dict:
             for k in res[small]["step_us"]
             if res[small]["step_us"][k] > 0
         }
+    # the autograd engine over the manual step: across runs, and normalised by each
+    # process's plain loop of the manual step (the same loop in both: cancels drift)
+    for model in ("session_rnn", "hrnn_init"):
+        auto, manual = f"a_{model}_autograd", f"a_{model}"
+        r[f"a/{model}_autograd_vs_manual"] = _get(res, auto, "train_events_per_s") / _get(
+            res, manual, "train_events_per_s"
+        )
+        # ours (autograd) over the plain loop of the manual step, paired in one process
+        r[f"a/{model}_autograd_vs_plain_manual_same_run"] = 1 / (
+            1 + _get(res, auto, "lightning_overhead")
+        )
+    r["a/attention_hrnn_vs_hrnn_init_autograd"] = _get(
+        res, "a_attention_hrnn", "train_events_per_s"
+    ) / _get(res, "a_hrnn_init_autograd", "train_events_per_s")
     ev = res.get("a_events", {})
     r["events/linearity"] = ev.get("linearity", float("nan"))
     r["events/time_ratio"] = ev.get("time_ratio", float("nan"))

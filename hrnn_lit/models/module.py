@@ -146,6 +146,9 @@ class RecurrentRecommender(pl.LightningModule):
             dropout_init=dropout_init,
         )  # fmt: skip
         self.engine = resolve_engine(engine, self.net, cuda_graph)
+        # evaluation of the built-in network takes its fast path (``_eval_chunk``; the same
+        # ranks as the reference path ``_eval_chunk_reference``), whichever engine trains
+        self.fast_eval = isinstance(self.net, RecurrentCore)
         loss_kwargs = {"bpreg": bpreg} if loss == "bpr-max" else {}
         self.loss_fn = functools.partial(LOSSES[loss], **loss_kwargs)  # autograd engine
         self.loss_grad = loss_and_grad(loss, **loss_kwargs)
@@ -488,10 +491,11 @@ class RecurrentRecommender(pl.LightningModule):
     def _eval_step(self, batch: dict) -> None:
         # ranks come from float32 scores under any trainer precision (bf16 scores would tie)
         with torch.autocast(batch["input"].device.type, enabled=False):
-            if self.engine == "manual":
+            if self.fast_eval:
                 self._eval_chunk(batch)
             else:
                 self._eval_chunk_reference(batch)
+
 
     def replay(self, batch: dict, state: api.State | None = None) -> tuple[api.State, api.State]:
         """Run the network over a chunk without updates: the states of the scored entries
