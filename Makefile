@@ -3,7 +3,7 @@ PYTHON ?= python
 # CPU-only machine this takes the CPU wheel of torch 2.13.0 (see README for GPU set-up).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint bench bench-data run
+.PHONY: install test lint bench bench-data run docs
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -23,3 +23,7 @@ bench:
 
 bench-data:
 	$(PYTHON) experiments/bench_prepare.py --json bench_prepare.json
+
+# docs/benchmarks.md from experiments/results/ (and bench.json when present)
+docs:
+	$(PYTHON) experiments/benchmarks_doc.py
