@@ -13,8 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hrnn_lit import distributed, launch, runtime
-from hrnn_lit import checkpoints
+from hrnn_lit import checkpoints, distributed, launch, runtime
 from hrnn_lit.callbacks import RunRecord, Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
@@ -235,6 +234,7 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
         results = _fit_and_test(
             cfg, dm, model, callbacks, loggers, throughput, world, ckpt_file if resumed else None
         )
+        results.update(guard.summary())  # threads at the start and the end
         if resumed is not None:
             resumed["changed"].update(record.changed)
             results["resumed_from"] = resumed
@@ -321,7 +321,6 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_fi
         "data/n_test_users_without_history": dm.n_without_history["test"],
         "perf/train_events_per_s": throughput.train_events_per_s,
         "perf/eval_events_per_s": throughput.eval_events_per_s,
-        "perf/num_threads": torch.get_num_threads(),  # at the end (fewer on shared cores)
         **model.eval_metrics.get("val", {}),
         **model.eval_metrics["test"],
         **breakdowns(model.eval_outputs["test"], list(cfg.eval.ks)),

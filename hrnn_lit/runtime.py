@@ -48,12 +48,13 @@ def usable_cpus() -> int:
     return max(1, min(n, int(quota)) if quota is not None else n)
 
 
-def _cgroup_quota() -> float | None:
+def _cgroup_quota(
+    cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> float | None:
     """The tightest CPU quota (CPUs) over this process's cgroup and its parents, if any."""
     limits = []
-    root = Path("/sys/fs/cgroup")
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = cgroups.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
@@ -138,6 +139,14 @@ class ContentionGuard(pl.Callback):
         self.warned = False
         self._start: tuple[float, int, int] | None = None
         self.enabled = Path("/proc/self/task").is_dir()
+        self.threads_start = torch.get_num_threads()
+
+    def summary(self) -> dict:
+        """Threads at the start and at the end of the run, for results.json."""
+        return {
+            "perf/num_threads": self.threads_start,
+            "perf/num_threads_end": torch.get_num_threads(),
+        }
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = None  # time between epochs (validation, loading) is not measured

@@ -194,3 +194,17 @@ def test_two_node_torchrun_equals_one_node_two_processes(tmp_path):
     tests = [k for k in one_node if k.startswith("test/")]
     assert tests and one_node["test/n_events"] > 0
     assert {k: two_nodes[k] for k in tests} == {k: one_node[k] for k in tests}  # bit for bit
+
+
+def test_slurm_launcher_spans_nodes_with_one_task_per_device():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "trainer.devices=4"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert list(launcher.setup) == []  # the port comes from the job id, the same on every node

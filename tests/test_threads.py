@@ -1,0 +1,142 @@
+"""Thread counts on shared cores: usable CPUs, the default count, OpenMP's wait policy, the
+contention guard, and joblib multiruns splitting the cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hrnn_lit import runtime
+from tests.conftest import TINY
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_usable_cpus_is_the_affinity_capped_by_the_quota(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: None)
+    assert runtime.usable_cpus() == 6
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 2.5)
+    assert runtime.usable_cpus() == 2
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 0.5)
+    assert runtime.usable_cpus() == 1
+
+
+def test_cgroup_quota_v2_takes_the_tightest_ancestor_and_v1(tmp_path):
+    root = tmp_path / "cgroup"
+    (root / "job" / "step").mkdir(parents=True)
+    (root / "cpu.max").write_text("max 100000\n")
+    (root / "job" / "cpu.max").write_text("300000 100000\n")
+    (root / "job" / "step" / "cpu.max").write_text("max 100000\n")
+    v2 = tmp_path / "v2"
+    v2.write_text("0::/job/step\n")
+    assert runtime._cgroup_quota(v2, root) == 3.0
+    (root / "job" / "cpu.max").write_text("max 100000\n")
+    assert runtime._cgroup_quota(v2, root) is None
+    v1_dir = root / "cpu,cpuacct" / "box"
+    v1_dir.mkdir(parents=True)
+    (v1_dir / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1_dir / "cpu.cfs_period_us").write_text("100000\n")
+    v1 = tmp_path / "v1"
+    v1.write_text("4:cpu,cpuacct:/box\n3:memory:/box\n")
+    assert runtime._cgroup_quota(v1, root) == 1.5
+    (v1_dir / "cpu.cfs_quota_us").write_text("-1\n")
+    assert runtime._cgroup_quota(v1, root) is None
+    assert runtime._cgroup_quota(tmp_path / "absent", root) is None
+
+
+def test_default_threads(monkeypatch):
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 8)
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(var, raising=False)
+    assert runtime.default_threads() == 8
+    assert runtime.default_threads(local_ranks=2) == 4  # ranks on this machine share it
+    assert runtime.default_threads(local_ranks=16) == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # SLURM gave this rank its CPUs
+    assert runtime.default_threads(local_ranks=2) == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+    assert runtime.default_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's (or joblib's) count wins
+    assert runtime.default_threads(local_ranks=2) == 5
+
+
+def test_importing_hrnn_lit_sets_the_wait_policy_before_torch_loads():
+    code = "import sys, os, hrnn_lit; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["False", "PASSIVE"], out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["False", "ACTIVE"], out.stderr
+
+
+def _window(guard, waited_s, on_cpu_s, wall_s=2.0, is_main=True):
+    """One measuring window: wall_s seconds in which the threads ran on_cpu_s CPU seconds
+    and waited waited_s seconds in run queues (all threads together)."""
+    guard._start = (0.0, 0, 0)
+    guard.check(wall_s, int(on_cpu_s * 1e9), int(waited_s * 1e9), is_main=is_main)
+
+
+def test_guard_drops_to_the_cpus_the_run_got_and_says_so_once(threads, capsys):
+    torch.set_num_threads(4)
+    guard = runtime.ContentionGuard(adapt=True)
+    _window(guard, waited_s=0.4, on_cpu_s=7.5)  # 5% waiting: the cores are ours
+    assert torch.get_num_threads() == 4 and capsys.readouterr().err == ""
+    _window(guard, waited_s=4.0, on_cpu_s=4.2)  # half the time waiting, ~2 CPUs got
+    assert torch.get_num_threads() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "waited for a CPU 50% of the time" in err
+    assert "training on 2 thread(s) instead of 4" in err
+    _window(guard, waited_s=2.0, on_cpu_s=1.1)
+    assert torch.get_num_threads() == 1 and "instead of 2" in capsys.readouterr().err
+    _window(guard, waited_s=3.0, on_cpu_s=1.0)  # one thread: nothing fewer, no new line
+    assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""
+    assert guard.summary() == {"perf/num_threads": 4, "perf/num_threads_end": 1}
+
+
+def test_guard_leaves_a_fixed_count_alone_and_warns_once(threads, capsys):
+    torch.set_num_threads(2)
+    guard = runtime.ContentionGuard(adapt=False)
+    for _ in range(3):
+        _window(guard, waited_s=2.0, on_cpu_s=2.0)
+    assert torch.get_num_threads() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "throughput is throttled at 2 thread(s)" in err
+    other_rank = runtime.ContentionGuard(adapt=True)
+    _window(other_rank, waited_s=2.0, on_cpu_s=2.0, is_main=False)
+    assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""  # rank 0 speaks
+
+
+def test_schedstat_is_read_where_linux_has_it():
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("no /proc")
+    on_cpu, waiting = runtime._thread_times()
+    assert on_cpu > 0 and waiting >= 0
+
+
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated:UserWarning")
+def test_joblib_multirun_splits_the_cores_among_its_jobs(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from joblib import cpu_count
+
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cmd = [
+        sys.executable, "-m", "hrnn_lit", "-m", *TINY, "logger=none", "model=hrnn_init",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(r.read_text()) for r in sorted(sweep.rglob("results.json"))]
+    assert len(results) == 2
+    assert [r["perf/num_threads"] for r in results] == [max(1, cpu_count() // 2)] * 2
