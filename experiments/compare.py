@@ -1,5 +1,5 @@
 """Paper-style comparison of finished runs: a markdown table of mean ± std over seeds, and
-Recall@K by position in session and by user history length (PNG plots).
+Recall@K by position in session and by user history length (plots, PDF and PNG).
 
     python experiments/compare.py logs/train/multiruns/<date>_<time> --out DIR \
         [--metrics test/recall@5 test/mrr@5 ...] [--k 5] [--by KEY ...] [--ignore KEY ...]
@@ -13,8 +13,9 @@ a group. `seed`, output, logging and `hydra.*` settings never split groups. Rows
 sample standard deviation (n - 1; 0 for a single run) over the runs of a group; `n` is the
 number of runs (seeds) behind each row.
 
-Writes DIR/comparison.md (the table, then the two breakdown tables), DIR/by_position.png and
-DIR/by_history.png, and prints the table. Built from results.json files only.
+Writes DIR/comparison.md (the table, then the two breakdown tables), DIR/by_position.pdf
+and .png and DIR/by_history.pdf and .png (300 dpi), and prints the table. Built from
+results.json files only.
 """
 
 from __future__ import annotations
@@ -324,7 +325,31 @@ def breakdown_table(groups, keys, kind: str, k: int, digits: int = 4) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def plot_breakdown(groups, keys, kind: str, k: int, path: Path) -> None:
+SPARSE_EVENTS = 50  # buckets with fewer test events are drawn hollow: their recall is noisy
+PLOT_FORMATS = ("pdf", "png")  # vector for papers, 300-dpi PNG for screens
+AXIS_LABELS = {
+    "position": ("position in session", "Recall@{k} by position in session"),
+    "history": ("earlier sessions of the user", "Recall@{k} by user history"),
+}
+
+
+def _count(n: float) -> str:
+    """A tick's event count, short: 17, 950, 4.8k, 12k."""
+    if n < 1000:
+        return f"{n:.0f}"
+    return f"{n / 1000:.1f}k" if n < 10_000 else f"{n / 1000:.0f}k"
+
+
+def _marker_sizes(events: list[float], most: float) -> list[float]:
+    """Marker areas (points^2) growing with the square root of a bucket's test events."""
+    return [20 + 140 * (e / most) ** 0.5 if most > 0 else 40 for e in events]
+
+
+def plot_breakdown(groups, keys, kind: str, k: int, path: Path) -> list[Path]:
+    """Recall@k per bucket, one marker series per run group (buckets are categories: no
+    lines join them), ± std over seeds as error bars. A marker's area grows with the
+    bucket's test events, which also stand under each tick; sparse buckets are hollow.
+    Writes ``path`` with each suffix of ``PLOT_FORMATS``; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,40 +358,55 @@ def plot_breakdown(groups, keys, kind: str, k: int, path: Path) -> None:
     buckets, table = breakdown(groups, kind, k)
     several_data = len({g[0] for g in groups}) > 1
     x = {b: i for i, b in enumerate(buckets)}
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for g, row in table.items():
+    rows = [(g, row) for g, row in table.items() if row]
+    most = max((row[b][3] for _, row in rows for b in row), default=0.0)
+    width = 0.6 / max(len(rows), 1)  # dodge the groups inside a bucket
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, (g, row) in enumerate(rows):
         bs = [b for b in buckets if b in row]
-        if not bs:
-            continue
-        xs = [x[b] for b in bs]
+        xs = [x[b] + (i - (len(rows) - 1) / 2) * width for b in bs]
         mean = [row[b][0] for b in bs]
         std = [row[b][1] for b in bs]
-        (line,) = ax.plot(xs, mean, marker="o", label=group_label(g, keys, several_data))
-        if any(s > 0 for s in std):
-            ax.fill_between(
-                xs,
-                [m - s for m, s in zip(mean, std)],
-                [m + s for m, s in zip(mean, std)],
-                color=line.get_color(),
-                alpha=0.15,
-                linewidth=0,
-            )
+        events = [row[b][3] for b in bs]
+        color = f"C{i % 10}"
+        if any(v > 0 for v in std):
+            ax.errorbar(xs, mean, yerr=std, fmt="none", ecolor=color, elinewidth=1, capsize=2)
+        sparse = [e < SPARSE_EVENTS for e in events]
+        ax.scatter(
+            xs,
+            mean,
+            s=_marker_sizes(events, most),
+            facecolors=["none" if sp else color for sp in sparse],
+            edgecolors=color,
+            linewidths=1.2,
+            label=group_label(g, keys, several_data),
+            zorder=3,
+        )
+    ticks = []
+    for b in buckets:
+        ev = [row[b][3] for _, row in rows if b in row]
+        n = f"\nn={_count(sum(ev) / len(ev))}" if ev and not several_data else ""
+        ticks.append(bucket_label(kind, b) + n)
     ax.set_xticks(range(len(buckets)))
-    ax.set_xticklabels([bucket_label(kind, b) for b in buckets])
-    if kind == "position":
-        ax.set_xlabel("position in session (predicting item k+1 after k items)")
-        ax.set_title(f"Recall@{k} by position in session")
-    else:
-        ax.set_xlabel("user history length (earlier sessions, log2 buckets)")
-        ax.set_title(f"Recall@{k} by user history length")
-    n_runs = sorted({len(group) for group in groups.values()})
-    band = ", band ± std" if any(len(group) > 1 for group in groups.values()) else ""
-    ax.set_ylabel(f"Recall@{k} (mean over {'/'.join(map(str, n_runs))} seeds{band})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.set_xticklabels(ticks, fontsize="small")
+    xlabel, title = AXIS_LABELS[kind]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"Recall@{k}")
+    n_runs = "/".join(map(str, sorted({len(group) for group in groups.values()})))
+    bars = ", bars ± std" if any(len(group) > 1 for group in groups.values()) else ""
+    note = f"mean of {n_runs} seeds{bars}; area ~ test events (n), hollow: n < {SPARSE_EVENTS}"
+    ax.set_title(f"{title.format(k=k)}\n{note}", fontsize="medium")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", markerscale=0.6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    written = []
+    for fmt in PLOT_FORMATS:
+        target = path.with_suffix(f".{fmt}")
+        fig.savefig(target, dpi=300)
+        written.append(target)
     plt.close(fig)
+    return written
 
 
 # ---------------------------------------------------------------- CLI
@@ -433,8 +473,8 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text("\n".join(md))
     if plots:
-        plot_breakdown(groups, keys, "position", k, out / "by_position.png")
-        plot_breakdown(groups, keys, "history", k, out / "by_history.png")
+        plot_breakdown(groups, keys, "position", k, out / "by_position")
+        plot_breakdown(groups, keys, "history", k, out / "by_history")
     return f"{intro}\n\n{table}"
 
 
@@ -491,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(text)
-    written = ["comparison.md"] + ([] if args.no_plots else ["by_position.png", "by_history.png"])
+    plots = [f"by_{kind}.{fmt}" for kind in ("position", "history") for fmt in PLOT_FORMATS]
+    written = ["comparison.md"] + ([] if args.no_plots else plots)
     print(f"\nwritten: {', '.join(str(out / w) for w in written)}")
     return 0
 
