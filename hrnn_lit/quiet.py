@@ -13,9 +13,10 @@ QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning's _pytree on recent torch
 )
 
-# Lightning's info lines that say nothing a user can act on: an advertisement, and the fit
-# loop's "stopped: max_epochs reached" (printed into the progress bar's last line).
-QUIET_LIGHTNING = ("💡 Tip:", "`Trainer.fit` stopped:")
+# Lightning's info lines that say nothing a user can act on: an advertisement, TPUs (no
+# hrnn_lit path uses one), and the fit loop's "stopped: max_epochs reached" (printed into
+# the progress bar's last line).
+QUIET_LIGHTNING = ("💡 Tip:", "TPU available:", "`Trainer.fit` stopped:")
 
 
 class _DropMessages(logging.Filter):
