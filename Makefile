@@ -3,7 +3,7 @@ PYTHON ?= python
 # CPU-only machine this takes the CPU wheel of torch 2.13.0 (see README for GPU set-up).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint bench bench-data run docs
+.PHONY: install test lint bench bench-data bench-contention run docs
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -27,3 +27,7 @@ bench-data:
 # docs/benchmarks.md from experiments/results/ (and bench.json when present)
 docs:
 	$(PYTHON) experiments/benchmarks_doc.py
+
+# Two default training runs started at once vs one alone (shared cores; target share >= 0.75)
+bench-contention:
+	$(PYTHON) experiments/bench_contention.py --json bench_contention.json

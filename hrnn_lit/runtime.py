@@ -122,24 +122,36 @@ class ContentionGuard(pl.Callback):
     Why: each training step is a chain of short parallel regions, and a region ends when
     its slowest thread does; on shared cores one descheduled thread stalls every region, so
     N threads on N busy cores can be far slower than one thread. Every ``window_s`` seconds
-    of training it reads the run-queue wait of this process's threads (Linux schedstat: a
-    few small files); when they waited more than ``threshold`` of the time, an automatic
+    of fitting it reads the run-queue wait of this process's threads (Linux schedstat: a
+    few small files). When they waited more than ``threshold`` of the time, an automatic
     thread count (``adapt``) drops to the CPUs the run actually got, and rank 0 prints one
-    line (also with a fixed count, which it leaves alone). The count only goes down, so
-    a run's results stay those of one of the thread counts it used.
+    line (it also warns, once, for a fixed count, which it leaves alone). After a drop it
+    tries the higher count again for one window, ``probe_s`` seconds later and then at
+    doubling intervals, and keeps it when the wait stays low: the cores may be free again.
+    Thread counts change only results' rounding where a reduction splits over threads (the
+    native kernels give the same bits at any count); a fixed ``num_threads`` never changes.
     """
 
     def __init__(
-        self, adapt: bool, window_s: float = 2.0, threshold: float = 0.25, verbose: bool = True
+        self,
+        adapt: bool,
+        window_s: float = 0.25,
+        threshold: float = 0.25,
+        probe_s: float = 10.0,
+        verbose: bool = True,
     ) -> None:
         self.adapt = adapt
         self.window_s = window_s
         self.threshold = threshold
+        self.probe_s = probe_s
         self.verbose = verbose
         self.warned = False
-        self._start: tuple[float, int, int] | None = None
         self.enabled = Path("/proc/self/task").is_dir()
         self.threads_start = torch.get_num_threads()
+        self._start: tuple[float, int, int] | None = None
+        self._backoff = probe_s
+        self._next_probe = float("inf")
+        self._probe_from: int | None = None  # the count a probe of a higher one came from
 
     def summary(self) -> dict:
         """Threads at the start and at the end of the run, for results.json."""
@@ -148,36 +160,49 @@ class ContentionGuard(pl.Callback):
             "perf/num_threads_end": torch.get_num_threads(),
         }
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start = None  # time between epochs (validation, loading) is not measured
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.enabled:
+            self._start = (time.perf_counter(), *_thread_times())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.enabled:
+        if self._start is None:
             return
         now = time.perf_counter()
-        if self._start is None:
-            self._start = (now, *_thread_times())
-            return
         if now - self._start[0] >= self.window_s:
             self.check(now, *_thread_times(), is_main=trainer.is_global_zero)
 
     def check(self, now: float, on_cpu: int, waiting: int, is_main: bool = True) -> None:
+        """One window ends at ``now``: act on how long the threads waited in it."""
         t0, cpu0, wait0 = self._start
         self._start = (now, on_cpu, waiting)
         threads = torch.get_num_threads()
         wall_ns = (now - t0) * 1e9
         waited = (waiting - wait0) / (wall_ns * threads)
+        if self._probe_from is not None:  # a window at a higher count again
+            lower, self._probe_from = self._probe_from, None
+            if waited > self.threshold:
+                torch.set_num_threads(lower)
+                self._backoff *= 2
+                self._next_probe = now + self._backoff
+            else:
+                self._backoff = self.probe_s
+                self._next_probe = now + self._backoff
+            return
         if waited <= self.threshold:
+            if self.adapt and threads < self.threads_start and now >= self._next_probe:
+                self._probe_from = threads
+                torch.set_num_threads(min(2 * threads, self.threads_start))
             return
         got = (on_cpu - cpu0) / wall_ns  # CPUs this process actually had
-        fewer = max(1, min(threads - 1, round(got)))
         message = None
         if self.adapt and threads > 1:
+            fewer = max(1, min(threads - 1, round(got)))
             torch.set_num_threads(fewer)
+            self._next_probe = now + self._backoff
             message = f"training on {fewer} thread(s) instead of {threads}"
-        elif not self.warned:
+        else:
             message = f"throughput is throttled at {threads} thread(s)"
-        if message and is_main and self.verbose:
+        if message and is_main and self.verbose and not self.warned:
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             print(
                 f"hrnn_lit: shared CPUs: this run's threads waited for a CPU {waited:.0%} of "
@@ -185,4 +210,4 @@ class ContentionGuard(pl.Callback):
                 file=sys.stderr,
                 flush=True,
             )
-        self.warned = True
+        self.warned = self.warned or message is not None

@@ -80,40 +80,61 @@ def test_importing_hrnn_lit_sets_the_wait_policy_before_torch_loads():
     assert out.stdout.split() == ["False", "ACTIVE"], out.stderr
 
 
-def _window(guard, waited_s, on_cpu_s, wall_s=2.0, is_main=True):
-    """One measuring window: wall_s seconds in which the threads ran on_cpu_s CPU seconds
-    and waited waited_s seconds in run queues (all threads together)."""
-    guard._start = (0.0, 0, 0)
-    guard.check(wall_s, int(on_cpu_s * 1e9), int(waited_s * 1e9), is_main=is_main)
+def _window(guard, waited_s, on_cpu_s, end_s, wall_s=0.25, is_main=True):
+    """The window (end_s - wall_s, end_s]: the threads ran on_cpu_s CPU seconds in it and
+    waited waited_s seconds in run queues (all threads together)."""
+    guard._start = (end_s - wall_s, 0, 0)
+    guard.check(end_s, int(on_cpu_s * 1e9), int(waited_s * 1e9), is_main=is_main)
 
 
 def test_guard_drops_to_the_cpus_the_run_got_and_says_so_once(threads, capsys):
     torch.set_num_threads(4)
-    guard = runtime.ContentionGuard(adapt=True)
-    _window(guard, waited_s=0.4, on_cpu_s=7.5)  # 5% waiting: the cores are ours
+    guard = runtime.ContentionGuard(adapt=True, probe_s=10.0)
+    _window(guard, waited_s=0.05, on_cpu_s=0.9, end_s=0.25)  # 5% waiting: the cores are ours
     assert torch.get_num_threads() == 4 and capsys.readouterr().err == ""
-    _window(guard, waited_s=4.0, on_cpu_s=4.2)  # half the time waiting, ~2 CPUs got
+    _window(guard, waited_s=0.5, on_cpu_s=0.52, end_s=0.5)  # half the time, ~2 CPUs got
     assert torch.get_num_threads() == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "waited for a CPU 50% of the time" in err
     assert "training on 2 thread(s) instead of 4" in err
-    _window(guard, waited_s=2.0, on_cpu_s=1.1)
-    assert torch.get_num_threads() == 1 and "instead of 2" in capsys.readouterr().err
-    _window(guard, waited_s=3.0, on_cpu_s=1.0)  # one thread: nothing fewer, no new line
-    assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""
+    _window(guard, waited_s=0.25, on_cpu_s=0.27, end_s=0.75)
+    assert torch.get_num_threads() == 1
+    _window(guard, waited_s=0.2, on_cpu_s=0.25, end_s=1.0)  # one thread: nothing fewer
+    assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""  # said once
     assert guard.summary() == {"perf/num_threads": 4, "perf/num_threads_end": 1}
+
+
+def test_guard_probes_a_higher_count_again_later(threads, capsys):
+    torch.set_num_threads(2)
+    guard = runtime.ContentionGuard(adapt=True, probe_s=10.0)
+    _window(guard, waited_s=0.25, on_cpu_s=0.25, end_s=1.0)
+    assert torch.get_num_threads() == 1  # next probe at 11 s
+    _window(guard, waited_s=0.0, on_cpu_s=0.25, end_s=5.0)
+    assert torch.get_num_threads() == 1  # too early
+    _window(guard, waited_s=0.0, on_cpu_s=0.25, end_s=11.0)
+    assert torch.get_num_threads() == 2  # probing
+    _window(guard, waited_s=0.2, on_cpu_s=0.3, end_s=11.25)  # still shared: back, wait 20 s
+    assert torch.get_num_threads() == 1
+    _window(guard, waited_s=0.0, on_cpu_s=0.25, end_s=21.0)
+    assert torch.get_num_threads() == 1
+    _window(guard, waited_s=0.0, on_cpu_s=0.25, end_s=31.25)
+    assert torch.get_num_threads() == 2  # probing again
+    _window(guard, waited_s=0.01, on_cpu_s=0.5, end_s=31.5)  # free again: kept
+    _window(guard, waited_s=0.01, on_cpu_s=0.5, end_s=100.0)
+    assert torch.get_num_threads() == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_guard_leaves_a_fixed_count_alone_and_warns_once(threads, capsys):
     torch.set_num_threads(2)
     guard = runtime.ContentionGuard(adapt=False)
-    for _ in range(3):
-        _window(guard, waited_s=2.0, on_cpu_s=2.0)
+    for k in range(3):
+        _window(guard, waited_s=0.25, on_cpu_s=0.25, end_s=0.25 * (k + 1))
     assert torch.get_num_threads() == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "throughput is throttled at 2 thread(s)" in err
     other_rank = runtime.ContentionGuard(adapt=True)
-    _window(other_rank, waited_s=2.0, on_cpu_s=2.0, is_main=False)
+    _window(other_rank, waited_s=0.25, on_cpu_s=0.25, end_s=0.25, is_main=False)
     assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""  # rank 0 speaks
 
 
