@@ -1,10 +1,10 @@
 """Hydra entry point: ``python -m hrnn_lit [overrides]`` (config root: conf/).
 
-Errors a user can fix come out as one line and exit status 2: hrnn_lit's own (``HrnnError``)
-and unknown config keys, which Hydra reports either at composition (``key=value`` on a key
-the config lacks) or, after ``+key=value``, as a ``TypeError`` of the class that receives
-it. Both become ``error: unknown key K; did you mean M?`` with M the closest key of the
-composed config.
+Errors a user can fix come out as one line and exit status 2: hrnn_lit's own (``HrnnError``),
+unknown options of a config group (``model=nope``), and unknown config keys, which Hydra
+reports either at composition (``key=value`` on a key the config lacks) or, after
+``+key=value``, as a ``TypeError`` of the class that receives it. Both become
+``error: unknown key K; did you mean M?`` with M the closest key of the composed config.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 _UNKNOWN_AT_COMPOSE = re.compile(r"Could not override '([^']+)'")
 _UNKNOWN_KWARG = re.compile(r"unexpected keyword argument '([^']+)'")
 _FULL_KEY = re.compile(r"full_key: (\S+)")
+_UNKNOWN_OPTION = re.compile(r"Could not find '([^']+/[^']+)'")
 
 
 def config_keys(cfg: DictConfig) -> list[str]:
@@ -85,7 +86,15 @@ def _composed_keys(overrides: list[str]) -> list[str]:
 
 
 def compose_error_line(message: str, argv: list[str]) -> str | None:
-    """Hydra's "Key ... is not in struct" failure as one line, else None."""
+    """Hydra's "Key ... is not in struct" and "Could not find 'group/option'" failures as
+    one line, else None."""
+    option = _UNKNOWN_OPTION.search(message)
+    if option is not None:
+        group, name = option.group(1).rsplit("/", 1)
+        known = re.findall(r"^\t(\S+)$", message.partition("Available options")[2], re.M)
+        match = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {group}={match[0]}? " if match else ""
+        return f"error: unknown option {group}={name}; {hint}options: {', '.join(known)}"
     m = _UNKNOWN_AT_COMPOSE.search(message)
     if m is None or "not in struct" not in message:
         return None

@@ -102,6 +102,16 @@ def test_unknown_key_is_one_line_with_a_suggestion(override, tmp_path):
     assert not (out / "results.json").exists()
 
 
+def test_unknown_option_is_one_line_with_a_suggestion(tmp_path):
+    p = cli(["model=sesion_rnn", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert p.returncode == 2
+    assert p.stderr.startswith(
+        "error: unknown option model=sesion_rnn; did you mean model=session_rnn? options: "
+    )
+    assert p.stderr.count("\n") == 1 and "hrnn_init, hrnn_all" not in p.stderr  # sorted
+    assert set(p.stderr.split("options: ")[1].strip().split(", ")) == conf_groups()["model"]
+
+
 def test_unknown_key_line():
     keys = ["model", "model.hidden_size", "model.lr", "trainer", "trainer.max_epochs"]
     assert unknown_key_line("trainer.max_epoch", keys) == (
