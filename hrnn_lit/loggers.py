@@ -8,9 +8,11 @@ rank 0 only.
 
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
 
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 
 def hydra_job_info() -> tuple[str | None, str | None]:
@@ -35,6 +37,49 @@ def name_wandb_runs(logger_cfgs: dict) -> None:
                 cfg.group = group
             if cfg.get("name") is None:
                 cfg.name = name
+
+
+def resume_wandb_runs(logger_cfgs: dict, run_id: str | None) -> None:
+    """A resumed run continues the checkpoint's W&B run (same id) unless the config names one."""
+    if not run_id:
+        return
+    for cfg in logger_cfgs.values():
+        if str(cfg.get("_target_", "")).endswith("WandbLogger") and not cfg.get("id"):
+            cfg.id = run_id
+            cfg.resume = "allow"
+
+
+def keep_csv_history(loggers: list[Logger], batches_done: int) -> None:
+    """A resumed run appends to ``csv/metrics.csv``: the rows logged before the checkpoint
+    are kept (Lightning's CSV writer would delete the file), rows at or after its step are
+    dropped, since the resumed run logs them again."""
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        header, rows = [], []
+        if path.is_file():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = [r for r in reader if _step(r) < batches_done]
+        writer = logger.experiment  # deletes the old file
+        if not header:
+            continue
+        writer.metrics_keys = sorted(header)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
+            out.writeheader()
+            out.writerows(rows)
+        os.replace(tmp, path)
+
+
+def _step(row: dict) -> float:
+    try:
+        return float(row.get("step") or 0)
+    except ValueError:
+        return 0.0
 
 
 def log_results(loggers: list[Logger], results: dict) -> None:

@@ -43,3 +43,31 @@ class PoisonAtBatch(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == 0 and batch_idx == self.batch:
             pl_module.core.w_h.weight.data[0, 0] = float("nan")
+
+
+class KillWhileSaving(pl.Callback):
+    """SIGKILL this process in the middle of writing its ``save``-th checkpoint file: half
+    of the bytes are in the file being written when the process dies."""
+
+    def __init__(self, save: int):
+        self.save = save
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import io
+
+        import torch
+
+        real, calls = torch.save, [0]
+
+        def half_then_kill(obj, f, *args, **kwargs):
+            if hasattr(f, "write"):
+                calls[0] += 1
+                if calls[0] == self.save:
+                    buf = io.BytesIO()
+                    real(obj, buf, *args, **kwargs)
+                    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    f.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(obj, f, *args, **kwargs)
+
+        torch.save = half_then_kill

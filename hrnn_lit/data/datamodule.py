@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from hrnn_lit.data.batching import (
     shard_users,
     user_lengths,
 )
-from hrnn_lit.data.cache import cache_key, load_splits, save_splits
+from hrnn_lit.data.cache import discard_entry, key_inputs, key_of, load_splits, report, save_splits
 from hrnn_lit.data.preprocess import Splits, preprocess, split_stats
 from hrnn_lit.errors import ConfigError, DataError
 
@@ -70,6 +71,7 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.splits: Splits | None = None
         self.cache_hit = False
         self.rank, self.world_size = 0, 1
+        self.notices: list[str] = []  # for the user: the data stage, clamped settings
 
     def shard(self, rank: int, world_size: int) -> None:
         """Give this process a disjoint, step-balanced share of the users (DDP)."""
@@ -77,26 +79,47 @@ class SessionDataModule(pl_lightning.LightningDataModule):
 
     # ----------------------------------------------------------------- setup
     def load_splits(self) -> Splits:
-        """Read + preprocess the raw data, or load the cached result of that."""
+        """Read + preprocess the raw data, or load the cached result of that. Records a
+        one-line account in ``notices`` (generated / preprocessed in N s / loaded from the
+        cache); a bad cache entry is reported on stderr and rebuilt."""
+        t0 = time.perf_counter()
+        generated = ""
         if self.path is not None and self.generate is not None and not Path(self.path).exists():
             self.generate(self.path)  # generated raw file (e.g. synthetic XING format)
+            generated = f"generated {self.path} in {time.perf_counter() - t0:.1f} s, "
         if self.path is None and "path" in getattr(self.source, "keywords", {}):
             raise DataError(f"data.path is not set for data '{self.name}'. {self.missing_hint}")
         if self.path is not None and not Path(self.path).exists():
             raise DataError(f"{self.path}: file not found (data.path). {self.missing_hint}")
-        entry = None
+        if self.path is not None and not Path(self.path).is_file():
+            raise DataError(f"{self.path}: not a regular file (data.path must name a file)")
+        entry, inputs = None, None
+        t1 = time.perf_counter()
         if self.cache_dir is not None:
-            key = cache_key(self.path, self.source, self.preprocess_cfg)
+            inputs = key_inputs(self.path, self.source, self.preprocess_cfg)
+            key = key_of(inputs)
             entry = Path(self.cache_dir) / f"{self.name}-{key}"
-            cached = load_splits(entry)
+            cached, why = load_splits(entry, key)
             if cached is not None:
                 self.cache_hit = True
+                self.notices.append(
+                    f"data {self.name}: loaded from the cache {entry} "
+                    f"({time.perf_counter() - t1:.1f} s)"
+                )
                 return cached
+            if why is not None:
+                report(f"cache: {entry}: {why}; rebuilding the entry")
+                discard_entry(entry)
         events = self.source()
         splits = preprocess(events, source=self.path or self.name, **self.preprocess_cfg)
         if entry is not None:
-            save_splits(splits, entry)
+            save_splits(splits, entry, inputs)
         self.cache_hit = False
+        what = "generated and preprocessed" if self.path is None else "preprocessed"
+        where = f" (cached: {entry})" if entry is not None else ""
+        self.notices.append(
+            f"data {self.name}: {generated}{what} in {time.perf_counter() - t1:.1f} s{where}"
+        )
         return splits
 
     def setup(self, stage: str | None = None) -> None:
@@ -109,12 +132,22 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.item_counts = counts.get_column("n").to_numpy().astype(np.int64)
         self._vocab = counts.select("item", pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
         self.fit_steps, _ = self._steps(fit)
+        n_users = int(self.fit_steps.user_start.sum())
+        if 0 < n_users < self.batch_size:  # slots no user could fill: same run, less memory
+            self.notices.append(
+                f"data.batch_size={self.batch_size} is more than the {n_users} users of the "
+                f"fit split: using {n_users} (the same run as data.batch_size={n_users})"
+            )
+            self.batch_size = n_users
         self.eval_steps: dict[str, Steps] = {}
         self.n_dropped: dict[str, int] = {}
         self.n_without_history: dict[str, int] = {}
         if self.has_validation:
             self._add_eval("val", self.splits.valid_train, self.splits.valid_test)
         self._add_eval("test", self.splits.train, self.splits.test)
+        # wider evaluation batches than users only add empty slots: same metrics, less memory
+        most = max(int(st.user_start.sum()) for st in self.eval_steps.values())
+        self.eval_batch_size = max(1, min(self.eval_batch_size, most))
 
     @property
     def n_items(self) -> int:
