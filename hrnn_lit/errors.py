@@ -13,5 +13,6 @@ class DataError(HrnnError):
     """An input file or the data derived from it cannot be used."""
 
 
-class NumericalError(HrnnError):
-    """Training produced a NaN or infinite loss."""
+class NumericalError(HrnnError, FloatingPointError):
+    """Training diverged (a NaN or infinite loss, or the divergence guard's band left), or
+    evaluation met a non-finite score."""

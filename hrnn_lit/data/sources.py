@@ -1,9 +1,23 @@
 """Raw readers: each returns the canonical events frame that preprocessing expects.
 
 Canonical frame: one row per event in file order, columns ``user``, ``item``, ``ts`` (Int64
-Unix seconds) and, for XING only, ``type`` (Int64 interaction type). Ids keep their natural
-dtype. Every bad input raises :class:`DataError` with a one-line message naming the file and
-the problem; polars exceptions never escape for the cases checked here.
+Unix seconds) and, for XING only, ``type`` (Int64 interaction type). Every bad input raises
+:class:`DataError` with a one-line message naming the file and the problem; polars
+exceptions never escape for the cases checked here.
+
+Canonical ids, the same for every reader (``canonical_ids``):
+
+1. text ids are stripped of surrounding whitespace; an id that is empty after stripping is a
+   missing value (an error naming the line);
+2. an integer written in decimal (``12``, ``-3``) is that integer, and so is a decimal with
+   an all-zero fraction (``12.0``); a float column whose values are all whole numbers of at
+   most 2**53 (exact in float64) holds integers; other floats are refused;
+3. a column whose ids are all integers becomes Int64; otherwise it stays text, with the
+   integer-valued ids written in their integer form (``1.0`` and `` 1`` are the id ``1``);
+4. leading zeros keep the text form (``007`` is not ``7``: zero-padded codes are names).
+
+Times in seconds must lie between 1970 and 2100; a last line without its newline whose time
+has fewer digits than the line before is refused as cut (it would read as a 1970 time).
 """
 
 from __future__ import annotations
@@ -27,9 +41,12 @@ SOURCE_KINDS = ("xing", "lastfm", "events")
 EVENTS_OPTIONS = ("user_col", "item_col", "time_col", "time_unit", "separator")
 
 # Plausibility bounds that catch a wrong time unit: seconds past 2100 are milliseconds,
-# milliseconds before 1973 are seconds (and milliseconds past 2100 are finer units).
+# milliseconds before 1973 are seconds (and milliseconds past 2100 are finer units); negative
+# seconds are no Unix time.
 _YEAR_2100_S = 4_102_444_800
 _YEAR_1973_MS = 94_694_400_000
+_MAX_EXACT_FLOAT = 2**53
+_INT_TEXT = r"^(-?(?:0|[1-9][0-9]*))(?:\.0+)?$"  # canonical integer, optionally with .000
 _ISO_FORMATS = (
     "%Y-%m-%dT%H:%M:%S%.f%#z",
     "%Y-%m-%d %H:%M:%S%.f%#z",
@@ -154,6 +171,23 @@ def _xing_int_error(p: Path) -> DataError | None:
     return None
 
 
+def _xing_canonical(p: Path) -> pl.DataFrame | None:
+    """Slow path after a failed typed read: the columns as text, in canonical form; None
+    when a value is not an integer even then (``_xing_int_error`` names it)."""
+    lf = pl.scan_csv(p, separator="\t", quote_char=None, infer_schema=False)
+    try:
+        df = lf.select(list(XING_COLUMNS)).collect(engine="streaming")
+    except pl.exceptions.PolarsError:
+        return None
+    cols = {}
+    for raw, name in XING_COLUMNS.items():
+        s = canonical_ids(df.get_column(raw))
+        if s.dtype != pl.Int64:
+            return None
+        cols[name] = s
+    return pl.DataFrame(cols)
+
+
 def read_xing(path: str | Path) -> pl.DataFrame:
     """RecSys 2016 ``interactions.csv``: tab-separated with header, integer ids and types,
     ``created_at`` in Unix seconds. Returns columns user, item, ts, type (all Int64)."""
@@ -169,8 +203,10 @@ def read_xing(path: str | Path) -> pl.DataFrame:
     ).select([pl.col(raw).alias(name) for raw, name in XING_COLUMNS.items()])
     try:
         df = lf.collect(engine="streaming")
-    except pl.exceptions.PolarsError as exc:
-        raise (_xing_int_error(p) or _fail(p, _polars_reason(exc))) from None
+    except pl.exceptions.PolarsError as exc:  # spaces, 12.0, text: canonical form or error
+        df = _xing_canonical(p)
+        if df is None:
+            raise (_xing_int_error(p) or _fail(p, _polars_reason(exc))) from None
     _check_nonempty(p, df)
     _check_no_nulls(p, df, {v: k for k, v in XING_COLUMNS.items()}, _line_after_header)
     row = _first_row(df, pl.col("ts") > _YEAR_2100_S)
@@ -180,7 +216,36 @@ def read_xing(path: str | Path) -> pl.DataFrame:
             f"created_at {df.get_column('ts')[row]} at {_line_after_header(row)} is after year"
             " 2100 in seconds: XING times must be Unix seconds (milliseconds?)",
         )
+    row = _first_row(df, pl.col("ts") < 0)
+    if row is not None:
+        raise _fail(
+            p,
+            f"created_at {df.get_column('ts')[row]} at {_line_after_header(row)} is negative:"
+            " XING times must be Unix seconds",
+        )
+    _check_last_line(p, df.get_column("ts"), "created_at", _line_after_header)
     return df
+
+
+def _check_last_line(p: Path, times: pl.Series, column: str, locate: Locate) -> None:
+    """A file that does not end with a newline may have lost the end of its last line: if
+    that line's time has fewer digits than the line before, it was cut."""
+    if times.len() < 2:
+        return
+    with p.open("rb") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+
+    def digits(v) -> int:
+        return len(str(v).strip().lstrip("+-").split(".")[0])
+
+    if digits(times[-1]) < digits(times[-2]):
+        raise _fail(
+            p,
+            f"the last line ({locate(times.len() - 1)}) looks cut: no newline at the end and"
+            f" its {column} {_show(str(times[-1]).strip())} is shorter than the line before",
+        )
 
 
 # --------------------------------------------------------------------------- Last.fm
@@ -249,34 +314,51 @@ def read_lastfm(path: str | Path) -> pl.DataFrame:
     ts = _parse_iso(raw.get_column("timestamp"), _LASTFM_FORMAT)
     _check_parsed(p, raw.get_column("timestamp"), ts, "timestamp", locate, "2009-05-04T23:08:57Z")
     fallback = pl.concat_str([pl.col("artname").fill_null(""), pl.col("traname")], separator="\t")
-    return raw.select(
+    df = raw.select(
         pl.col("user"),
         pl.coalesce(pl.col("traid"), fallback).alias("item"),
         ts.alias("ts"),
     ).filter(pl.col("item").is_not_null())
+    df = df.with_columns(
+        user=canonical_ids(df.get_column("user")), item=canonical_ids(df.get_column("item"))
+    )
+    _check_no_nulls(p, df, {"user": "userid"}, locate)
+    return df.filter(pl.col("item").is_not_null())
 
 
 # --------------------------------------------------------------------------- generic events
 
 
-def _natural_ids(s: pl.Series) -> pl.Series:
-    """Text ids that are all canonical integers become Int64; other text stays Utf8."""
-    as_int = s.cast(pl.Int64, strict=False)
-    if as_int.null_count() == s.null_count() and (as_int.cast(pl.String) == s).all():
+def canonical_ids(s: pl.Series) -> pl.Series:
+    """Text ids in canonical form (module docstring): stripped, empty -> null, integers and
+    whole decimals (``12``, `` 12``, ``12.0``) as integers; Int64 when every id is one."""
+    text = s.str.strip_chars()
+    text = pl.select(pl.when(text.str.len_bytes() > 0).then(text)).to_series().alias(s.name)
+    digits = text.str.extract(_INT_TEXT, 1)
+    as_int = digits.cast(pl.Int64, strict=False)  # null beyond Int64: stays text
+    if as_int.null_count() == text.null_count():
         return as_int
-    return s
+    canon = pl.select(
+        pl.when(as_int.is_not_null()).then(as_int.cast(pl.String)).otherwise(text)
+    ).to_series()
+    return canon.alias(s.name)
 
 
 def _id_column(p: Path, s: pl.Series, column: str, from_text: bool) -> pl.Series:
     dtype = s.dtype
     if dtype == pl.String:
-        return _natural_ids(s) if from_text else s
+        return canonical_ids(s)
     if dtype.is_integer():
         return s.cast(pl.Int64)
     if dtype.is_float():
-        if (s.is_finite() & (s == s.floor())).all():
+        whole = s.is_finite() & (s == s.floor()) & (s.abs() <= _MAX_EXACT_FLOAT)
+        if whole.all():
             return s.cast(pl.Int64)
-        raise _fail(p, f"column {column!r} holds non-integer numbers; ids must be ints or text")
+        raise _fail(
+            p,
+            f"column {column!r} holds non-integer numbers (or beyond 2**53, not exact in "
+            "float64); ids must be ints or text",
+        )
     if dtype == pl.Categorical or dtype == pl.Enum:
         return s.cast(pl.String)
     raise _fail(p, f"column {column!r} has unsupported id type {dtype}")
@@ -315,6 +397,13 @@ def _numeric_time(p: Path, s: pl.Series, column: str, unit: str, locate: Locate)
                 p,
                 f"timestamp {s[row]} in column {column!r} at {locate(row)} is after year 2100 in"
                 " seconds: are these milliseconds? (use time_unit='ms')",
+            )
+        row = _first_row(s.to_frame("v"), pl.col("v") < 0)
+        if row is not None:
+            raise _fail(
+                p,
+                f"timestamp {s[row]} in column {column!r} at {locate(row)} is negative:"
+                " times in seconds must be Unix seconds (after 1970)",
             )
         return s
     row = _first_row(s.to_frame("v"), pl.col("v") < _YEAR_1973_MS)
@@ -399,12 +488,17 @@ def read_events(
     raw, from_text, locate = _scan_events(p, columns, separator)
     _check_nonempty(p, raw)
     _check_no_nulls(p, raw, {c: c for c in columns}, locate)
-    return pl.DataFrame(
+    ids = pl.DataFrame(
         {
             "user": _id_column(p, raw.get_column(user_col), user_col, from_text),
             "item": _id_column(p, raw.get_column(item_col), item_col, from_text),
-            "ts": _time_column(p, raw.get_column(time_col), time_col, time_unit, locate),
         }
+    )
+    _check_no_nulls(p, ids, {"user": user_col, "item": item_col}, locate)  # blank ids
+    if from_text and time_unit != "iso":
+        _check_last_line(p, raw.get_column(time_col), time_col, locate)
+    return ids.with_columns(
+        ts=_time_column(p, raw.get_column(time_col), time_col, time_unit, locate)
     )
 
 

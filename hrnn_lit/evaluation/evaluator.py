@@ -8,8 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.metrics import metrics_from_ranks, target_ranks
-from hrnn_lit.evaluation.ranking import cap_ranks
+from hrnn_lit.evaluation.ranking import cap_ranks, forget_checked
 
 FIELDS = ("rank", "position", "history")
 
@@ -26,9 +27,17 @@ class RankCollector:
         self.ties = ties
         self.rank_cap = rank_cap
         self._parts: list[dict[str, Tensor]] = []
+        forget_checked()  # a new pass: the catalogue's weights are checked again
 
     def add(self, scores: Tensor, targets: Tensor, position: Tensor, history: Tensor) -> None:
-        """Scores [N, n_items] for N scored events with their targets [N]."""
+        """Scores [N, n_items] for N scored events with their targets [N]; a non-finite
+        score anywhere stops the run (one line)."""
+        if not bool(torch.isfinite(scores).all()):
+            bad = int((~torch.isfinite(scores)).sum())
+            raise NumericalError(
+                f"evaluation: {bad} of {scores.numel()} scores are not finite (NaN/inf in the "
+                "model's output); refusing to report metrics"
+            )
         ranks = target_ranks(scores, targets, self.ties)
         self.add_ranks(ranks, position, history, scores.shape[1])
 
@@ -62,7 +71,7 @@ class RankCollector:
             raise RuntimeError(f"{stage}: no scored event was evaluated")
         n_bad = int((out["rank"] > out["n_items"]).sum())
         if n_bad:
-            raise FloatingPointError(
+            raise NumericalError(
                 f"{stage}: {n_bad} of {out['rank'].numel()} target scores are not finite "
                 "(NaN/inf weights); refusing to report metrics"
             )
