@@ -159,6 +159,7 @@ def setup(cfg: DictConfig) -> World:
         return World(dist.get_rank(), dist.get_world_size(), local, local_size, device)
     found = discover()
     if found is not None:
+        _check_devices(cfg, found)
         device = _device(gpu, found.local_rank)
         if found.source == "torchrun":  # torchrun's agent may host the store: join it
             init = "env://"
@@ -177,6 +178,18 @@ def setup(cfg: DictConfig) -> World:
     workers = _start_workers(cfg, n, port)
     _init(gpu, f"tcp://127.0.0.1:{port}", 0, n)
     return World(0, n, 0, n, device, workers, owns_group=True)
+
+
+def _check_devices(cfg: DictConfig, found: Rendezvous) -> None:
+    """trainer.devices > 1 says how many ranks a node runs: it must be what the launcher
+    started (1, the default, leaves the count to the launcher)."""
+    devices = cfg.trainer.get("devices", 1)
+    if isinstance(devices, int) and devices > 1 and devices != found.local_size:
+        how = {"torchrun": "torchrun --nproc_per_node", "slurm": "SLURM tasks per node"}
+        raise ConfigError(
+            f"trainer.devices={devices}, but {how.get(found.source, 'the launcher')} started "
+            f"{found.local_size} rank(s) on this node: set trainer.devices={found.local_size}"
+        )
 
 
 def _host(address: str) -> str:

@@ -86,8 +86,8 @@ def test_torchrun_and_own_workers():
         launch.discover(bad)
 
 
-def _gpu_cfg(accelerator: str):
-    return OmegaConf.create({"trainer": {"accelerator": accelerator, "devices": 4}})
+def _gpu_cfg(accelerator: str, devices: int = 2):
+    return OmegaConf.create({"trainer": {"accelerator": accelerator, "devices": devices}})
 
 
 def test_gpu_rank_selects_its_device_before_the_group_exists(monkeypatch):
@@ -125,6 +125,12 @@ def test_cpu_rank_uses_gloo_and_no_device(monkeypatch):
     ):
         world = launch.setup(_gpu_cfg("cpu"))
     assert seen == ["gloo"] and world.device == torch.device("cpu")
+
+
+def test_devices_must_match_the_ranks_a_launcher_started_on_the_node(monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(SLURM))  # 2 tasks on this node
+    with pytest.raises(ConfigError, match=r"trainer.devices=4, but SLURM tasks per node .* 2"):
+        launch.setup(_gpu_cfg("cpu", devices=4))
 
 
 def test_replicate_moves_the_module_before_broadcasting_its_tensors():
