@@ -4,7 +4,8 @@ Errors a user can fix come out as one line and exit status 2: hrnn_lit's own (``
 unknown options of a config group (``model=nope``), and unknown config keys, which Hydra
 reports either at composition (``key=value`` on a key the config lacks) or, after
 ``+key=value``, as a ``TypeError`` of the class that receives it. Both become
-``error: unknown key K; did you mean M?`` with M the closest key of the composed config.
+``error: unknown key K; did you mean M?`` with M the closest key of the composed config. A
+multirun's first job is composed before the sweep starts, so the same line stops it early.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _composed_keys(overrides: list[str]) -> list[str]:
         return []
 
 
-def compose_error_line(message: str, argv: list[str]) -> str | None:
+def compose_error_line(message: str, overrides: list[str]) -> str | None:
     """Hydra's "Key ... is not in struct" and "Could not find 'group/option'" failures as
     one line, else None."""
     option = _UNKNOWN_OPTION.search(message)
@@ -99,8 +100,44 @@ def compose_error_line(message: str, argv: list[str]) -> str | None:
     if m is None or "not in struct" not in message:
         return None
     key = m.group(1)
-    others = [o for o in _overrides(argv) if o.split("=", 1)[0].lstrip("+~") != key]
+    others = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
     return unknown_key_line(key, _composed_keys(others))
+
+
+def first_job_overrides(argv: list[str]) -> list[str]:
+    """The overrides of a multirun's first job: each sweep (``a,b``, ``range``, ``choice``)
+    replaced by its first value; sweeps that cannot be enumerated (``interval``) left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(_overrides(argv)):
+        if not o.is_sweep_override():
+            out.append(o.input_line)
+            continue
+        try:
+            out.append(f"{o.get_key_element()}={next(o.sweep_string_iterator())}")
+        except Exception:  # an interval sweep: no first value
+            continue
+    return out
+
+
+def multirun_error_line(argv: list[str]) -> str | None:
+    """Compose a multirun's first job as Hydra will, and turn an unknown key or option into
+    one line (None: it composes, or fails otherwise and Hydra reports it)."""
+    from hydra import compose, initialize_config_dir
+
+    overrides: list[str] = []
+    try:
+        overrides = first_job_overrides(argv)
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except Exception as e:
+        text = "\n".join(str(x) for x in (e, e.__cause__) if x is not None)
+        try:
+            return compose_error_line(text, overrides)
+        except Exception:
+            return None
+    return None
 
 
 def kwarg_error_line(error: BaseException, cfg: DictConfig) -> str | None:
@@ -164,12 +201,17 @@ def cli() -> None:
     global _held
     argv = sys.argv[1:]
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    _held = None if multirun else _HeldStderr()  # a sweep's jobs print as they go
+    if multirun:  # a sweep's jobs print as they go: check its first job's config up front
+        line = multirun_error_line(argv)
+        if line is not None:
+            print(line, file=sys.stderr)
+            sys.exit(2)
+    _held = None if multirun else _HeldStderr()
     try:
         main()
     except SystemExit as e:
         held = _held.release() if _held is not None else ""
-        line = compose_error_line(held, argv) if e.code not in (0, None) else None
+        line = compose_error_line(held, _overrides(argv)) if e.code not in (0, None) else None
         if line is not None:
             print(line, file=sys.stderr)
             sys.exit(2)

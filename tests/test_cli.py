@@ -102,6 +102,17 @@ def test_unknown_key_is_one_line_with_a_suggestion(override, tmp_path):
     assert not (out / "results.json").exists()
 
 
+def test_unknown_key_in_a_multirun_stops_before_any_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = cli(
+        ["-m", "seed=0,1", "model=session_rnn,hrnn_init", "model.hiden_size=8,16"]
+        + [f"hydra.sweep.dir={sweep}"]
+    )
+    assert p.returncode == 2
+    assert p.stderr == "error: unknown key model.hiden_size; did you mean model.hidden_size?\n"
+    assert not sweep.exists()
+
+
 def test_unknown_option_is_one_line_with_a_suggestion(tmp_path):
     p = cli(["model=sesion_rnn", f"hydra.run.dir={tmp_path / 'run'}"])
     assert p.returncode == 2
