@@ -300,8 +300,8 @@ def _chunk_timer(warmup: int, device):
             if self.n == warmup:
                 self.t0, self.c0 = self._mark()
             elif self.n > warmup:
-                self.events += batch["n_events"]
-                self.steps += batch["input"].shape[0]
+                self.events += batch.n_events
+                self.steps += batch.input.shape[0]
                 last = (
                     trainer.current_epoch == trainer.max_epochs - 1
                     and batch_idx == trainer.num_training_batches - 1
@@ -464,15 +464,12 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
             batch = next(it, None)
             if batch is None:
                 break
-            batch = {
-                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()
-            }
+            batch = batch.to(device, non_blocking=True)
             sync()
             t_data += pc() - a
             t_fwd = t_bwd = t_opt = 0.0
             a = pc()
-            inp, tgt, valid = batch["input"], batch["target"], batch["valid"]
+            inp, tgt, valid = batch.input, batch.target, batch.valid
             T, Bn = inp.shape
             h, c = state or core.initial_state(Bn, inp.device)
             samples = sampler.draw((T, s.n_sample)) if sampler is not None else None
@@ -521,7 +518,7 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
             elif n_chunk > warmup:
                 if device.type != "cuda":  # (on CUDA: once, after the loop)
                     t1, c1 = pc(), time.process_time()
-                events += batch["n_events"]
+                events += batch.n_events
                 steps += T
                 for k, v in zip(PHASES, (t_data, t_fwd, t_bwd, t_opt)):
                     ph[k] += v

@@ -5,7 +5,9 @@ SessionId / ItemId / Time files) and, with ``--official``, runs that code's ``ru
 them with config (a)'s settings (cross-entropy, one GRU layer of 100, B=128, 2048 negatives
 by popularity^0.5, lr 0.1, one-hot input: ``embedding=0, constrained_embedding=False``) on
 the CPU with ``--threads`` threads, and prints its training and evaluation events/s next
-to ours from ``bench.py --configs a_session_rnn`` in the same process tree.
+to ours from ``bench.py`` (config (a): the manual and the autograd engine, and the example
+model on the model API) in the same process tree; ``--json bench.json`` merges the
+comparison into the bench's results (key ``official_comparison``).
 
 The official code is not part of this project: clone
 https://github.com/hidasib/GRU4Rec_PyTorch_Official yourself (it needs pandas). Under
@@ -14,7 +16,8 @@ numpy 2 its compatibility-mode initialisation builds float64 arrays; give its
 ``dtype=torch.float32`` to run it.
 
     python experiments/bench_official.py --out /tmp/g4r               # export only
-    python experiments/bench_official.py --out /tmp/g4r --official ~/GRU4Rec_PyTorch_Official
+    python experiments/bench_official.py --out /tmp/g4r --official ~/GRU4Rec_PyTorch_Official \
+        --threads 2 --json bench.json
 """
 
 from __future__ import annotations
@@ -84,6 +87,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2, help="official code's epochs")
     ap.add_argument("--quick", action="store_true", help="tiny data (a smoke test)")
+    ap.add_argument(
+        "--configs", nargs="+", default=["a_session_rnn", "a_session_rnn_autograd",
+        "a_hrnn_init_autograd", "a_attention_hrnn"], help="bench.py configs of ours",
+    )  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=3, help="bench.py repeats (medians)")
+    ap.add_argument("--json", type=Path, help="merge the comparison into this JSON file")
     args = ap.parse_args()
     info = export(args.out, args.quick)
     print(f"wrote {args.out}/train.tsv, test.tsv ({info['test_predictions']} test predictions)")
@@ -94,18 +103,32 @@ def main() -> int:
     )
     ours_json = args.out / "ours.json"
     subprocess.run(
-        [sys.executable, str(HERE / "bench.py"), "--configs", "a_session_rnn", "--threads",
-         str(args.threads), "--json", str(ours_json)] + (["--quick"] if args.quick else []),
+        [sys.executable, str(HERE / "bench.py"), "--configs", *args.configs, "--threads",
+         str(args.threads), "--repeats", str(args.repeats), "--json", str(ours_json)]
+        + (["--quick"] if args.quick else []),
         check=True, capture_output=True,
     )  # fmt: skip
-    ours = json.loads(ours_json.read_text())["configs"]["a_session_rnn"]
-    rows = [
-        ("training events/s", ours["train_events_per_s"], official["train_events_per_s"]),
-        ("evaluation events/s", ours["eval_events_per_s"], official["eval_events_per_s"]),
-    ]
-    print(f"threads {args.threads}: {'':20} {'ours':>10} {'official':>10} {'ratio':>7}")
-    for name, a, b in rows:
-        print(f"{'':12}{name:20} {a:10,.0f} {b:10,.0f} {a / b:7.2f}")
+    ours = json.loads(ours_json.read_text())["configs"]
+    comparison = {"threads": args.threads, "official": official, "ours": {}}
+    print(f"threads {args.threads}: {'':34} {'ours':>10} {'official':>10} {'ratio':>7}")
+    for name in args.configs:
+        res = ours[name]
+        row = {
+            "engine": res.get("engine"),
+            "train_events_per_s": res["train_events_per_s"],
+            "eval_events_per_s": res["eval_events_per_s"],
+            "train_vs_official": res["train_events_per_s"] / official["train_events_per_s"],
+            "eval_vs_official": res["eval_events_per_s"] / official["eval_events_per_s"],
+        }
+        comparison["ours"][name] = row
+        for what in ("train", "eval"):
+            a, b = row[f"{what}_events_per_s"], official[f"{what}_events_per_s"]
+            print(f"  {name + ' ' + what + ' events/s':44} {a:10,.0f} {b:10,.0f} {a / b:7.2f}")
+    if args.json is not None:  # merged into the bench's JSON (make bench writes bench.json)
+        merged = json.loads(args.json.read_text()) if args.json.exists() else {}
+        merged["official_comparison"] = comparison
+        args.json.write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"official_comparison written to {args.json}")
     return 0
 
 

@@ -35,7 +35,7 @@ class Throughput(pl.Callback):
         self._t0 = self._t_last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.train_events += batch["n_events"]
+        self.train_events += batch.n_events
         self._t_last = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -46,7 +46,7 @@ class Throughput(pl.Callback):
         self._t0 = time.perf_counter()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.test_events += batch["n_scored"]
+        self.test_events += batch.n_scored
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self.test_seconds += time.perf_counter() - self._t0
@@ -191,12 +191,20 @@ class RunRecord(pl.Callback):
 
 
 def parameter_norm(module: torch.nn.Module) -> float:
-    """L2 norm of all parameters, summed in float64 (float32 squares overflow near 1e19)."""
-    total = 0.0
+    """L2 norm of all parameters (one host sync); in float64 where float32 overflows (its
+    squares do near 1e19), so a huge but finite norm is told from an infinite one."""
+    params = [p.detach() for p in module.parameters()]
+    if not params:
+        return 0.0
     with torch.no_grad():
-        for p in module.parameters():
-            total += float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64) ** 2)
-    return math.sqrt(total)
+        norm = float(torch.linalg.vector_norm(torch.stack([p.norm() for p in params])))
+        if not math.isfinite(norm):
+            norm = float(
+                torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64) for p in params])
+                )
+            )
+    return norm
 
 
 class DivergenceGuard(pl.Callback):
@@ -208,7 +216,7 @@ class DivergenceGuard(pl.Callback):
     one), so ``last.ckpt`` keeps weights that passed. The error is one line."""
 
     def __init__(
-        self, max_norm_ratio: float = 50.0, max_loss_ratio: float = 10.0, check_every: int = 8
+        self, max_norm_ratio: float = 50.0, max_loss_ratio: float = 10.0, check_every: int = 16
     ) -> None:
         self.max_norm_ratio = float(max_norm_ratio)
         self.max_loss_ratio = float(max_loss_ratio)

@@ -99,12 +99,12 @@ def test_tail_is_masked_not_dropped():
     assert (plan >= 0).sum() == len(steps) == 29 + 7 * 2
     ds = PlanDataset(steps, plan, steps_per_batch=4)
     chunks = [ds[i] for i in range(len(ds))]
-    assert sum(c["n_events"] for c in chunks) == len(steps)
-    targets = torch.cat([c["target"][c["valid"]] for c in chunks])
+    assert sum(c.n_events for c in chunks) == len(steps)
+    targets = torch.cat([c.target[c.valid] for c in chunks])
     assert sorted(targets.tolist()) == sorted(steps.target.tolist())
     last = chunks[-1]
-    assert not last["valid"][-1].all(), "tail steps hold masked slots"
-    assert not (last["session_start"] & ~last["valid"]).any()
+    assert not last.valid[-1].all(), "tail steps hold masked slots"
+    assert not (last.session_start & ~last.valid).any()
 
 
 def test_min_steps_pads_plan():

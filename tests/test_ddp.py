@@ -27,7 +27,7 @@ def test_shards_are_disjoint_balanced_and_equally_long(tmp_path):
         loaders.append(len(loader))
         shard = loader.dataset.steps
         users.append(set(np.unique(shard.user).tolist()))
-        targets.append(int(sum(b["n_events"] for b in loader)))
+        targets.append(int(sum(b.n_events for b in loader)))
     assert len(set(loaders)) == 1, "every rank runs the same number of batches"
     assert not (users[0] & users[1]) and not (users[1] & users[2]) and not (users[0] & users[2])
     assert sum(targets) == len(dm.fit_steps), "no step lost or duplicated"

@@ -298,21 +298,21 @@ def reference_eval(m: RecurrentRecommender, chunks, ties: str) -> dict:
     with torch.no_grad():
         for batch in chunks:
             hs, cs, state = m.unroll(batch, state)
-            mask = batch["score"]
+            mask = batch.score
             if not mask.any():
                 continue
             scores = m.core.score_all(hs[mask], cs[mask])
-            col.add(scores, *(batch[k][mask] for k in ("target", "position", "history")))
+            col.add(scores, *(getattr(batch, k)[mask] for k in ("target", "position", "history")))
     return col.finish("test", [5])[1]
 
 
 def module_eval(m: RecurrentRecommender, chunks, ties: str) -> dict:
-    m._eval_reset()
-    m._collector = RankCollector(ties)
+    m._eval_begin()
+    m.evaluation.collector = collector = RankCollector(ties)
     with torch.inference_mode():
         for batch in chunks:
             m._eval_chunk(batch)
-    return m._collector.finish("test", [5])[1]
+    return collector.finish("test", [5])[1]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -336,15 +336,15 @@ def test_replay_equals_unroll_on_scored_rows(variant):
                             session_only,
                             start_rows,
                         )
-                        mask = batch["score"]
+                        mask = batch.score
                         assert torch.equal(h, hs[mask]) and torch.equal(c, cs[mask])
 
 
 def test_session_only_replay_skips_unscored_sessions():
     chunks = eval_chunks()
     need = np.concatenate([needed_rows(b, session_only=True) for b in chunks])
-    valid = np.concatenate([b["valid"].numpy() for b in chunks])
-    scored = np.concatenate([b["score"].numpy() for b in chunks])
+    valid = np.concatenate([b.valid.numpy() for b in chunks])
+    scored = np.concatenate([b.score.numpy() for b in chunks])
     assert (need <= valid).all() and (need >= scored).all()
     assert need.sum() < 0.7 * valid.sum()
 
@@ -356,8 +356,8 @@ def test_eval_chunk_equals_plain_pipeline(variant, monkeypatch):
     monkeypatch.setattr(ranking, "BLOCK_BYTES", 16 << 10)
     m = make_model(variant, eval_block=100)
     chunks = eval_chunks()
-    assert any(0 < b["n_scored"] < ranking.MIN_ROWS for b in chunks)
-    assert any(b["n_scored"] > 100 for b in chunks)
+    assert any(0 < b.n_scored < ranking.MIN_ROWS for b in chunks)
+    assert any(b.n_scored > 100 for b in chunks)
     for n_threads in (1, 2):
         with threads(n_threads):
             for ties in TIES:

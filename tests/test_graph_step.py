@@ -66,12 +66,12 @@ def small_dm(batch_size: int = 8) -> SessionDataModule:
     return dm
 
 
-def chunks(dm, n: int, device) -> list[dict]:
+def chunks(dm, n: int, device) -> list:
     out = []
     for i, batch in enumerate(dm.train_dataloader()):
         if i == n:
             break
-        out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        out.append(batch.to(device))
     return out
 
 
@@ -90,7 +90,7 @@ def run_both(variant, loss, wd, dropout, device, dtype, n_chunks=4, n_sample=7, 
     data = chunks(dm, n_chunks, device)
     gen = torch.Generator(device=device).manual_seed(1)
     samples = [
-        torch.randint(0, dm.n_items, (b["input"].shape[0], n_sample), device=device, generator=gen)
+        torch.randint(0, dm.n_items, (b.input.shape[0], n_sample), device=device, generator=gen)
         for b in data
     ]
     results = []
@@ -106,8 +106,8 @@ def run_both(variant, loss, wd, dropout, device, dtype, n_chunks=4, n_sample=7, 
         h, c = (x.to(dtype) for x in core_k.initial_state(B, device))
         losses = []
         for batch, smp in zip(data, samples):
-            cand = torch.cat([batch["target"], smp], 1)
-            inp, valid = batch["input"], batch["valid"]
+            cand = torch.cat([batch.target, smp], 1)
+            inp, valid = batch.input, batch.valid
             if static:
                 ids, flags = chunk_inputs(batch, cand)
                 gs.set_state(h, c)

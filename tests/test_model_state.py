@@ -53,7 +53,7 @@ def test_user_state_changes_only_at_session_starts():
         batch = chunk_for([USER_A, USER_B], batch_size=1)
         with torch.no_grad():
             _, cs, _ = m.unroll(batch)
-        ss = batch["session_start"][:, 0]
+        ss = batch.session_start[:, 0]
         c = cs[:, 0]
         changed = (c[1:] != c[:-1]).any(dim=1)
         assert torch.equal(changed, ss[1:]), propagation
@@ -184,7 +184,7 @@ class _CountSteps(pl.Callback):
         self.hooks += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.updates += int(batch["input"].shape[0])  # one update per time step
+        self.updates += int(batch.input.shape[0])  # one update per time step
 
 
 def _small_dm() -> SessionDataModule:

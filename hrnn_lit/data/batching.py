@@ -9,11 +9,13 @@ user's data is lost at the tail of an epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -138,14 +140,43 @@ def build_plan(
     return plan
 
 
+@dataclass
+class Chunk:
+    """One Lightning batch: T time steps of a plan for B slots, with the host-side facts a
+    model reads without a device sync."""
+
+    input: Tensor  # [T, B] input items
+    target: Tensor  # [T, B] target items
+    session_start: Tensor  # [T, B] bool: the slot starts a session (valid slots only)
+    user_start: Tensor  # [T, B] bool: the slot starts a new user (its states reset)
+    valid: Tensor  # [T, B] bool: the slot holds a step (False: masked, e.g. epoch tail)
+    score: Tensor  # [T, B] bool: the prediction counts in evaluation
+    position: Tensor  # [T, B] the target's position in its session
+    history: Tensor  # [T, B] the user's number of earlier sessions
+    next_session_rows: Tensor  # [R] slots starting a known user's next session, step-major
+    next_session_offsets: list[int]  # [T + 1] where each step's rows begin in it (host)
+    any_start: list[bool]  # [T] whether any slot starts a session (host)
+    n_events: int  # valid entries
+    n_scored: int  # scored entries
+
+    def _map(self, fn) -> Chunk:
+        return dataclasses.replace(
+            self, **{f.name: fn(v) for f in dataclasses.fields(self)
+                     if torch.is_tensor(v := getattr(self, f.name))}
+        )  # fmt: skip
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Chunk:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Chunk:
+        return self._map(lambda t: t.pin_memory())
+
+
 class PlanDataset(torch.utils.data.Dataset):
     """A plan cut into Lightning batches of ``steps_per_batch`` time steps (map-style).
 
-    Item ``i`` is a dict of [t, B] tensors (input, target, session_start, user_start, valid,
-    score, position, history), ``next_session_rows`` (slots starting a new session of the
-    same user, time step by time step) plus host-side ``next_session_offsets`` (where each
-    time step's rows begin), ``n_events`` / ``n_scored`` counts and ``any_start`` (per time
-    step: does any slot start a session), so the model needs no device sync to read them.
+    Item ``i`` is a ``Chunk`` of t time steps, so the model needs no device sync to read
+    where sessions start.
     Slices are cut on demand: memory stays at one plan.
     ``skip`` drops the first chunks (resuming an epoch from a mid-epoch checkpoint).
     """
@@ -159,7 +190,7 @@ class PlanDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return -(-self.plan.shape[0] // self.steps_per_batch) - self.skip
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Chunk:
         if not 0 <= i < len(self):
             raise IndexError(i)
         i += self.skip
@@ -182,9 +213,10 @@ class PlanDataset(torch.utils.data.Dataset):
         # slots that continue a user into a new session (the user GRU runs on these only)
         t_idx, slots = np.nonzero(sstart & ~chunk["user_start"])
         chunk["next_session_rows"] = slots.astype(np.int64)
-        chunk = {k: torch.from_numpy(v) for k, v in chunk.items()}
-        chunk["next_session_offsets"] = np.searchsorted(t_idx, np.arange(len(plan) + 1)).tolist()
-        chunk["n_events"] = int(valid.sum())
-        chunk["n_scored"] = int(score.sum())
-        chunk["any_start"] = sstart.any(axis=1).tolist()
-        return chunk
+        return Chunk(
+            **{k: torch.from_numpy(v) for k, v in chunk.items()},
+            next_session_offsets=np.searchsorted(t_idx, np.arange(len(plan) + 1)).tolist(),
+            any_start=sstart.any(axis=1).tolist(),
+            n_events=int(valid.sum()),
+            n_scored=int(score.sum()),
+        )

@@ -26,16 +26,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hrnn_lit.data.batching import Chunk
+
 ROW_MULTIPLE = 64
 
 
-def needed_rows(batch: dict, session_only: bool) -> np.ndarray:
+def needed_rows(batch: Chunk, session_only: bool) -> np.ndarray:
     """[T, B] bool: the (step, slot) entries whose state must be computed exactly."""
-    valid = batch["valid"].cpu().numpy()
+    valid = batch.valid.cpu().numpy()
     if not session_only:
         return valid
-    score = batch["score"].cpu().numpy()
-    start = batch["session_start"].cpu().numpy()
+    score = batch.score.cpu().numpy()
+    start = batch.session_start.cpu().numpy()
     need = np.zeros_like(valid)
     carry = np.ones(valid.shape[1], bool)  # the chunk's last step: the session may go on
     for t in range(valid.shape[0] - 1, -1, -1):
@@ -52,20 +54,20 @@ def can_compact(n_slots: int) -> bool:
 def replay_scored(
     step: Callable[[Tensor, Tensor, Tensor], Tensor],
     start_sessions: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]],
-    batch: dict,
+    batch: Chunk,
     state: tuple[Tensor, Tensor],
     session_only: bool,
     start_rows: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     """Run ``step(items, h, c) -> h`` over the chunk (``start_sessions(t, h, c)`` at steps
     with a session start) on the needed rows only. Returns h [N, H] and c [N, U] of the N
-    scored entries in ``batch["score"]`` order (step-major), and the final state; rows not
+    scored entries in ``batch.score`` order (step-major), and the final state; rows not
     needed hold stale values in it (nothing reads them before their next reset).
 
     ``start_rows(h, c, session_start, user_start)``: the start rules on given rows only
     (``RecurrentCore.start_sessions``); used for session-only models, whose rule needs no
     other row, so that a compacted step resets only its own rows."""
-    inp, score = batch["input"], batch["score"]
+    inp, score = batch.input, batch.score
     T, B = inp.shape
     h, c = state
     need = needed_rows(batch, session_only)
@@ -78,7 +80,7 @@ def replay_scored(
         n = n_need[t]
         padded = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
         on_rows = compact and 0 < n and padded < B
-        if batch["any_start"][t] and not (rows_only and on_rows):
+        if batch.any_start[t] and not (rows_only and on_rows):
             h, c = start_sessions(t, h, c)
         if n == 0:  # no row of this step can matter
             pass
@@ -88,8 +90,8 @@ def replay_scored(
             rows = np.resize(np.flatnonzero(need[t]), padded)  # padded by repeating rows
             idx = torch.from_numpy(rows).to(inp.device)
             h_rows, c_rows = h[idx], c[idx]
-            if batch["any_start"][t] and rows_only:
-                ss, us = batch["session_start"][t, idx], batch["user_start"][t, idx]
+            if batch.any_start[t] and rows_only:
+                ss, us = batch.session_start[t, idx], batch.user_start[t, idx]
                 h_rows, c_rows = start_rows(h_rows, c_rows, ss, us)
             h_rows = step(inp[t, idx], h_rows, c_rows)
             h = h.index_copy(0, idx[:n], h_rows[:n])

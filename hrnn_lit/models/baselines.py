@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from hrnn_lit.data.batching import Steps
+from hrnn_lit.data.batching import Chunk, Steps
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import Evaluation
 from hrnn_lit.models.module import eval_gather, log_val
@@ -167,18 +167,18 @@ class BaselineRecommender(pl.LightningModule):
         raise NotImplementedError
 
     # --------------------------------------------------------------- evaluation
-    def iter_scores(self, batch: dict):
+    def iter_scores(self, batch: Chunk):
         """Walk a chunk step by step, updating the slot state; yield (t, rows, scores) for
         the scored slots ``rows`` at time step t, in blocks of at most ``eval_block`` rows."""
-        inp, tgt, valid, score = batch["input"], batch["target"], batch["valid"], batch["score"]
+        inp, tgt, valid, score = batch.input, batch.target, batch.valid, batch.score
         T, B = inp.shape
         if self._slots != B:
             self.init_state(B, inp.device)
             self._slots = B
         for t in range(T):
-            if batch["any_start"][t]:
-                self.start_sessions(batch["session_start"][t], batch["user_start"][t], inp[t])
-            if batch["n_scored"]:
+            if batch.any_start[t]:
+                self.start_sessions(batch.session_start[t], batch.user_start[t], inp[t])
+            if batch.n_scored:
                 rows = torch.nonzero(score[t]).squeeze(1)
                 for lo in range(0, rows.numel(), self.eval_block):
                     r = rows[lo : lo + self.eval_block]
@@ -188,7 +188,7 @@ class BaselineRecommender(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._eval_begin()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Chunk, batch_idx: int) -> None:
         self._eval_chunk(batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -198,7 +198,7 @@ class BaselineRecommender(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._eval_begin()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: Chunk, batch_idx: int) -> None:
         self._eval_chunk(batch)
 
     def on_test_epoch_end(self) -> None:
@@ -209,14 +209,14 @@ class BaselineRecommender(pl.LightningModule):
         self.evaluation.begin()
         self._slots = 0
 
-    def _eval_chunk(self, batch: dict) -> None:
-        with torch.autocast(batch["input"].device.type, enabled=False):  # float scores
+    def _eval_chunk(self, batch: Chunk) -> None:
+        with torch.autocast(batch.input.device.type, enabled=False):  # float scores
             for t, rows, scores in self.iter_scores(batch):
                 self.evaluation.collector.add(
                     scores,
-                    batch["target"][t, rows],
-                    batch["position"][t, rows],
-                    batch["history"][t, rows],
+                    batch.target[t, rows],
+                    batch.position[t, rows],
+                    batch.history[t, rows],
                 )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hrnn_lit.data.batching import Chunk
 from hrnn_lit.models import update
 from hrnn_lit.models.core import RecurrentCore
 from hrnn_lit.models.optim import SparseRowOptimizer
@@ -91,16 +92,16 @@ def start_sessions_masked(
     return torch.where(go, h0 * mask_init, h), torch.where(go, c_rows, c), cache
 
 
-def chunk_inputs(batch: dict, candidates: Tensor) -> tuple[Tensor, Tensor]:
+def chunk_inputs(batch: Chunk, candidates: Tensor) -> tuple[Tensor, Tensor]:
     """A chunk's per-step inputs of ``GraphStep`` packed in two [T, *] tensors (one copy
     each per step): item indices (input items, candidates and their padded distinct values
     and inverses) and flags (valid slots, session and user starts, real distinct slots)."""
-    inp = batch["input"]  # [T, B]
+    inp = batch.input  # [T, B]
     c_val, c_inv, c_real = pad_unique(candidates)  # [T, N] each
     i_val, i_inv, i_real = pad_unique(inp)  # [T, B] each
     ids = torch.cat([inp, candidates, c_val, c_inv, i_val, i_inv], 1)
     flags = torch.cat(
-        [batch["valid"], batch["session_start"], batch["user_start"], c_real, i_real], 1
+        [batch.valid, batch.session_start, batch.user_start, c_real, i_real], 1
     )
     return ids, flags
 

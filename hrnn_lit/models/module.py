@@ -32,6 +32,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from hrnn_lit import distributed
+from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError, NumericalError
 from hrnn_lit.evaluation.evaluator import Evaluation
 from hrnn_lit.evaluation.ranking import catalogue_ranks
@@ -66,11 +67,11 @@ def log_val(module: pl.LightningModule, metrics: dict[str, float]) -> None:
     module.log_dict(head, prog_bar=True)
 
 
-def chunk_starts(batch: dict, t: int) -> api.Starts:
+def chunk_starts(batch: Chunk, t: int) -> api.Starts:
     """The session and user starts of time step t of a chunk."""
-    lo, hi = batch["next_session_offsets"][t], batch["next_session_offsets"][t + 1]
+    lo, hi = batch.next_session_offsets[t], batch.next_session_offsets[t + 1]
     return api.Starts(
-        batch["session_start"][t], batch["user_start"][t], batch["next_session_rows"][lo:hi]
+        batch.session_start[t], batch.user_start[t], batch.next_session_rows[lo:hi]
     )
 
 
@@ -294,17 +295,17 @@ class RecurrentRecommender(pl.LightningModule):
         bf16 = trainer is not None and _bf16_mixed(trainer.precision_plugin)
         return torch.bfloat16 if bf16 else None
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: Chunk, batch_idx: int) -> None:
         if self.engine == "autograd":  # the network's own dtypes (autocast where asked)
             self._training_step(batch, batch_idx)
             return
         # the manual step chooses its own dtypes (mm_dtype); autocast would also cast the
         # GRU's products and the hand-written gradients would no longer match the parameters
-        with torch.autocast(batch["input"].device.type, enabled=False):
+        with torch.autocast(batch.input.device.type, enabled=False):
             self._training_step(batch, batch_idx)
 
-    def _training_step(self, batch: dict, batch_idx: int) -> None:
-        inp, tgt = batch["input"], batch["target"]
+    def _training_step(self, batch: Chunk, batch_idx: int) -> None:
+        inp, tgt = batch.input, batch.target
         T, B = inp.shape
         state = self._train_state or self.net.initial_state(B, inp.device)
         n_sample = self.hparams.n_sample
@@ -331,10 +332,10 @@ class RecurrentRecommender(pl.LightningModule):
             on_step=True,
             on_epoch=True,
             prog_bar=True,
-            batch_size=batch["n_events"],
+            batch_size=batch.n_events,
         )
 
-    def _autograd_chunk(self, batch: dict, cand: Tensor, state: api.State, losses: Tensor):
+    def _autograd_chunk(self, batch: Chunk, cand: Tensor, state: api.State, losses: Tensor):
         """The chunk's updates through the network's forward and autograd: per time step,
         the start rules, one step, the scores of the candidates, the loss (mean over valid
         slots), ``manual_backward`` of it times the share of valid slots (as the manual
@@ -342,12 +343,12 @@ class RecurrentRecommender(pl.LightningModule):
         step, _ = self._optimizer_step()
         params = [p for p in self.parameters() if p.requires_grad]
         clip = self.hparams.clip_grad_norm
-        inp, valid = batch["input"], batch["valid"]
+        inp, valid = batch.input, batch.valid
         B, n_sample = inp.shape[1], cand.shape[1] - inp.shape[1]
         net = self.net
         for t in range(inp.shape[0]):
             state = api.detach(state)
-            if batch["any_start"][t]:
+            if batch.any_start[t]:
                 state = net.start(state, chunk_starts(batch, t))
             state = net.step(inp[t], state)
             scores = _at_least_float32(net.score(state, cand[t]))  # [B, B + S]
@@ -363,9 +364,9 @@ class RecurrentRecommender(pl.LightningModule):
             losses[t] = loss.detach()
         return api.detach(state)
 
-    def _graph_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
+    def _graph_chunk(self, batch: Chunk, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
         """The chunk's updates as replays of one captured CUDA graph (``GraphStep``)."""
-        B, N = batch["input"].shape[1], cand.shape[1]
+        B, N = batch.input.shape[1], cand.shape[1]
         gs = self._graph
         if gs is None or (gs.B, gs.N) != (B, N):
             gs = self._graph = GraphStep(
@@ -381,7 +382,7 @@ class RecurrentRecommender(pl.LightningModule):
             after()
         return gs.state()
 
-    def _eager_chunk(self, batch: dict, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
+    def _eager_chunk(self, batch: Chunk, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
         step, direct = self._optimizer_step()
         mm_dtype = self._mm_dtype
         clip = self.hparams.clip_grad_norm
@@ -391,7 +392,7 @@ class RecurrentRecommender(pl.LightningModule):
         if direct is not None:  # no .grad is set: drop any left from an earlier path
             for p in params:
                 p.grad = None
-        inp, valid = batch["input"], batch["valid"]
+        inp, valid = batch.input, batch.valid
         B, n_sample = inp.shape[1], cand.shape[1] - inp.shape[1]
         distinct = update.chunk_distinct(cand, inp, valid, self.core.out_w.num_embeddings)
         for t in range(inp.shape[0]):
@@ -415,7 +416,7 @@ class RecurrentRecommender(pl.LightningModule):
             losses[t] = loss
         return h, c
 
-    def _start_sessions(self, batch: dict, t: int, h: Tensor, c: Tensor):
+    def _start_sessions(self, batch: Chunk, t: int, h: Tensor, c: Tensor):
         return self.net.start((h, c), chunk_starts(batch, t))
 
     def _checks_behind(self) -> int:
@@ -468,7 +469,7 @@ class RecurrentRecommender(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._eval_begin()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Chunk, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -478,7 +479,7 @@ class RecurrentRecommender(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._eval_begin()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: Chunk, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
@@ -488,38 +489,38 @@ class RecurrentRecommender(pl.LightningModule):
         self.evaluation.begin()
         self._eval_state = None
 
-    def _eval_step(self, batch: dict) -> None:
+    def _eval_step(self, batch: Chunk) -> None:
         # ranks come from float32 scores under any trainer precision (bf16 scores would tie)
-        with torch.autocast(batch["input"].device.type, enabled=False):
+        with torch.autocast(batch.input.device.type, enabled=False):
             if self.fast_eval:
                 self._eval_chunk(batch)
             else:
                 self._eval_chunk_reference(batch)
 
 
-    def replay(self, batch: dict, state: api.State | None = None) -> tuple[api.State, api.State]:
+    def replay(self, batch: Chunk, state: api.State | None = None) -> tuple[api.State, api.State]:
         """Run the network over a chunk without updates: the states of the scored entries
-        (``batch["score"]`` order, step-major) and the final state."""
-        inp, net = batch["input"], self.net
+        (``batch.score`` order, step-major) and the final state."""
+        inp, net = batch.input, self.net
         state = state or net.initial_state(inp.shape[1], inp.device)
-        score = batch["score"].cpu().numpy()
+        score = batch.score.cpu().numpy()
         scored = []
         for t in range(inp.shape[0]):
-            if batch["any_start"][t]:
+            if batch.any_start[t]:
                 state = net.start(state, chunk_starts(batch, t))
             state = net.step(inp[t], state)
             if score[t].any():
                 scored.append(api.select(state, torch.from_numpy(score[t]).to(inp.device)))
         return (api.cat(scored) if scored else api.select(state, [])), state
 
-    def _eval_chunk_reference(self, batch: dict) -> None:
+    def _eval_chunk_reference(self, batch: Chunk) -> None:
         """Any network: replay every row, score the whole catalogue ([rows, n_items] in
         blocks of rows), rank each target against it."""
         scored, self._eval_state = self.replay(batch, self._eval_state)
-        if batch["n_scored"] == 0:
+        if batch.n_scored == 0:
             return
-        mask = batch["score"]
-        targets, position, history = (batch[k][mask] for k in ("target", "position", "history"))
+        mask = batch.score
+        targets, position, history = (getattr(batch, k)[mask] for k in ("target", "position", "history"))
         n_items = int(self.item_counts.numel())
         rows = max(1, min(self.hparams.eval_block, EVAL_BLOCK_SCORES // n_items))
         for lo in range(0, targets.numel(), rows):
@@ -528,26 +529,26 @@ class RecurrentRecommender(pl.LightningModule):
             self.evaluation.collector.add(scores, targets[part], position[part], history[part])
 
     def unroll(
-        self, batch: dict, state: tuple[Tensor, Tensor] | None = None
+        self, batch: Chunk, state: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """The built-in network over a chunk without updates: h [T, B, H], c [T, B, U]
         after each step, and the final state to carry into the next chunk."""
-        inp = batch["input"]
+        inp = batch.input
         T, B = inp.shape
         h, c = state or self.core.initial_state(B, inp.device)
         hs, cs = [], []
         for t in range(T):
-            if batch["any_start"][t]:
+            if batch.any_start[t]:
                 h, c = self._start_sessions(batch, t, h, c)
             h = self.core.session_step(inp[t], h, c)
             hs.append(h)
             cs.append(c)
         return torch.stack(hs), torch.stack(cs), (h, c)
 
-    def _eval_chunk(self, batch: dict) -> None:
+    def _eval_chunk(self, batch: Chunk) -> None:
         """The built-in network: the replay on the rows that can matter (CPU) and the
         catalogue ranked in blocks without the score matrix; equal to the reference."""
-        core, inp = self.core, batch["input"]
+        core, inp = self.core, batch.input
         if inp.device.type == "cpu":  # the step on the rows that can matter only (same bits)
             h_sel, c_sel, self._eval_state = replay_scored(
                 core.session_step,
@@ -559,10 +560,10 @@ class RecurrentRecommender(pl.LightningModule):
             )
         else:
             (h_sel, c_sel), self._eval_state = self.replay(batch, self._eval_state)
-        if batch["n_scored"] == 0:
+        if batch.n_scored == 0:
             return
-        mask = batch["score"]
-        targets, position, history = (batch[k][mask] for k in ("target", "position", "history"))
+        mask = batch.score
+        targets, position, history = (getattr(batch, k)[mask] for k in ("target", "position", "history"))
         user_w = core.out_u.weight if core.user_to_output else None
         collector = self.evaluation.collector
         # = target_ranks(core.score_all(h, c), ...) in row blocks of at most eval_block;

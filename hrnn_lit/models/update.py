@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hrnn_lit.data.batching import Chunk
 from hrnn_lit.models import native
 from hrnn_lit.models.core import RecurrentCore, gru_gates, zero_rows
 
@@ -186,15 +187,15 @@ def start_sessions(
 
 
 def start_step(
-    core: RecurrentCore, batch: dict, t: int, h: Tensor, c: Tensor
+    core: RecurrentCore, batch: Chunk, t: int, h: Tensor, c: Tensor
 ) -> tuple[Tensor, Tensor, dict | None]:
     """``start_sessions`` for time step t of a chunk (a PlanDataset batch): its session and
     user starts, at steps that have any."""
-    if not batch["any_start"][t]:
+    if not batch.any_start[t]:
         return h, c, None
-    lo, hi = batch["next_session_offsets"][t : t + 2]
-    ss, us = batch["session_start"][t], batch["user_start"][t]
-    return start_sessions(core, h, c, ss, us, batch["next_session_rows"][lo:hi])
+    lo, hi = batch.next_session_offsets[t : t + 2]
+    ss, us = batch.session_start[t], batch.user_start[t]
+    return start_sessions(core, h, c, ss, us, batch.next_session_rows[lo:hi])
 
 
 def _user_level_gradients(core: RecurrentCore, st: dict, dh0: Tensor, dc: Tensor | None):
