@@ -143,7 +143,8 @@ def test_all_adds_user_state_to_reset_and_update_gates_only():
             m_init.core.session_step(item, h, c), gru_reference(m_init.core, item, h)
         )
         # init: the step itself ignores c
-        assert torch.equal(m_init.core.session_step(item, h, c), m_init.core.session_step(item, h, -c))
+        step = m_init.core.session_step
+        assert torch.equal(step(item, h, c), step(item, h, -c))
 
 
 def test_rnn_concat_keeps_state_across_sessions_of_a_user():

@@ -4,7 +4,7 @@ Each baseline is a LightningModule that is *fitted* from the fit split's ``Steps
 gradient step (``trainable = False``; ``run.py`` calls ``fit_data`` and then only
 ``trainer.validate`` / ``trainer.test``), and *evaluated* on exactly the chunks the recurrent
 models see (DESIGN §6): every slot replays its user's earlier sessions, then the scored
-targets are ranked against the whole catalogue by the same ``RankCollector`` (``evaluation.Evaluation``).
+targets are ranked against the whole catalogue by the same ``RankCollector``.
 
 Per-slot evaluation state follows the events a slot has walked through. At time step t a
 valid slot: (1) on ``user_start`` forgets everything; on ``session_start`` opens a new session

@@ -520,7 +520,7 @@ class RecurrentRecommender(pl.LightningModule):
         if batch.n_scored == 0:
             return
         mask = batch.score
-        targets, position, history = (getattr(batch, k)[mask] for k in ("target", "position", "history"))
+        targets, position, history = batch.target[mask], batch.position[mask], batch.history[mask]
         n_items = int(self.item_counts.numel())
         rows = max(1, min(self.hparams.eval_block, EVAL_BLOCK_SCORES // n_items))
         for lo in range(0, targets.numel(), rows):
@@ -563,7 +563,7 @@ class RecurrentRecommender(pl.LightningModule):
         if batch.n_scored == 0:
             return
         mask = batch.score
-        targets, position, history = (getattr(batch, k)[mask] for k in ("target", "position", "history"))
+        targets, position, history = batch.target[mask], batch.position[mask], batch.history[mask]
         user_w = core.out_u.weight if core.user_to_output else None
         collector = self.evaluation.collector
         # = target_ranks(core.score_all(h, c), ...) in row blocks of at most eval_block;
