@@ -127,7 +127,8 @@ class ContentionGuard(pl.Callback):
     thread count (``adapt``) drops to the CPUs the run actually got, and rank 0 prints one
     line (it also warns, once, for a fixed count, which it leaves alone). After a drop it
     tries the higher count again for one window, ``probe_s`` seconds later and then at
-    doubling intervals, and keeps it when the wait stays low: the cores may be free again.
+    doubling intervals (at most ``32 * probe_s``), and keeps it when the wait stays low:
+    the cores may be free again.
     Thread counts change only results' rounding where a reduction splits over threads (the
     native kernels give the same bits at any count); a fixed ``num_threads`` never changes.
     """
@@ -182,7 +183,7 @@ class ContentionGuard(pl.Callback):
             lower, self._probe_from = self._probe_from, None
             if waited > self.threshold:
                 torch.set_num_threads(lower)
-                self._backoff *= 2
+                self._backoff = min(2 * self._backoff, 32 * self.probe_s)
                 self._next_probe = now + self._backoff
             else:
                 self._backoff = self.probe_s

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -162,12 +163,13 @@ def _free_port() -> int:
 
 
 def torchrun_command(node_rank: int, port: int, overrides: list[str]) -> list[str]:
-    """The README's two-node command (node 0 is the address both nodes are given)."""
+    """The README's two-node command; both "nodes" are this machine, so node 0's address
+    is 127.0.0.1."""
+    torchrun = Path(sys.executable).with_name("torchrun")  # this Python's torchrun
+    exe = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     return [
-        sys.executable, "-m", "torch.distributed.run",  # = torchrun
-        "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}",
-        "--master_addr=127.0.0.1", f"--master_port={port}",
-        "-m", "hrnn_lit", *overrides,
+        *exe, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}",
+        "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "hrnn_lit", *overrides,
     ]  # fmt: skip
 
 
