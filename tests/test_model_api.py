@@ -256,3 +256,27 @@ def test_readme_add_your_own_model_works_as_written(tmp_path):
         assert res["engine"] == "autograd" and 0 < res["test/recall@20"] <= 1, line
         cfg = (out / "config.yaml").read_text()
         assert "my_pkg.my_net.MyNet" in cfg, line
+
+
+def test_a_custom_network_trains_data_parallel_and_resumes(tmp_path):
+    """The example network through the real CLI path: 2 gloo processes (gradients averaged
+    over ranks), then a resumed run from its checkpoint."""
+    from hydra import compose, initialize_config_dir
+
+    from hrnn_lit.run import run
+
+    def cfg(out, *extra):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return compose("config", overrides=[
+                f"paths.output_dir={out}", *_tiny(False), "logger=none",
+                "model=attention_hrnn", "model.net.hidden_size=16", *extra,
+            ])  # fmt: skip
+
+    res = run(cfg(tmp_path / "ddp", "trainer=ddp", "callbacks=none"))
+    assert res["world_size"] == 2 and res["engine"] == "autograd"
+    assert 0 < res["test/recall@20"] <= 1
+    assert not torch.distributed.is_initialized()
+    first = run(cfg(tmp_path / "one"))
+    ckpt = tmp_path / "one" / "checkpoints" / "last.ckpt"
+    again = run(cfg(tmp_path / "test", "mode=test", f"ckpt_path={ckpt}"))
+    assert again["test/recall@20"] == pytest.approx(first["test/recall@20"], abs=1e-12)
