@@ -3,7 +3,7 @@ PYTHON ?= python
 # CPU-only machine this takes the CPU wheel of torch 2.13.0 (see README for GPU set-up).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint bench bench-data bench-contention run docs
+.PHONY: install test lint bench bench-official bench-data bench-contention run docs
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -20,6 +20,11 @@ run:
 
 bench:
 	$(PYTHON) experiments/bench.py --json bench.json
+
+# The official GRU4Rec code (OFFICIAL=its checkout, never vendored) vs ours, both engines,
+# on config (a): ratios merged into bench.json (key official_comparison)
+bench-official:
+	$(PYTHON) experiments/bench_official.py --out bench_official_data --official "$(OFFICIAL)" --threads 2 --json bench.json
 
 bench-data:
 	$(PYTHON) experiments/bench_prepare.py --json bench_prepare.json
