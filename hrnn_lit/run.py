@@ -215,7 +215,7 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
         torch.manual_seed(cfg.seed * 1000 + world.rank)  # own negatives and dropout per rank
     throughput = Throughput()
     record = RunRecord(OmegaConf.to_container(cfg.model, resolve=True))
-    guard = runtime.ContentionGuard(adapt=not cfg.get("num_threads"))
+    guard = runtime.ContentionGuard(adapt=not cfg.get("num_threads"), verbose=world.is_main)
     callbacks = [throughput, record, guard]
     loggers = []
     if world.is_main:

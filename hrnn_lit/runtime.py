@@ -124,11 +124,11 @@ class ContentionGuard(pl.Callback):
     N threads on N busy cores can be far slower than one thread. Every ``window_s`` seconds
     of fitting it reads the run-queue wait of this process's threads (Linux schedstat: a
     few small files). When they waited more than ``threshold`` of the time, an automatic
-    thread count (``adapt``) drops to the CPUs the run actually got, and rank 0 prints one
-    line (it also warns, once, for a fixed count, which it leaves alone). After a drop it
-    tries the higher count again for one window, ``probe_s`` seconds later and then at
-    doubling intervals (at most ``32 * probe_s``), and keeps it when the wait stays low:
-    the cores may be free again.
+    thread count (``adapt``) drops to the CPUs the run actually got, and it prints one line
+    (``verbose``: rank 0; it also warns, once, for a fixed count, which it leaves alone).
+    After a drop it tries the higher count again for one window, ``probe_s`` seconds later
+    and then at doubling intervals (at most ``32 * probe_s``), and keeps it when the wait
+    stays low: the cores may be free again.
     Thread counts change only results' rounding where a reduction splits over threads (the
     native kernels give the same bits at any count); a fixed ``num_threads`` never changes.
     """
@@ -170,9 +170,9 @@ class ContentionGuard(pl.Callback):
             return
         now = time.perf_counter()
         if now - self._start[0] >= self.window_s:
-            self.check(now, *_thread_times(), is_main=trainer.is_global_zero)
+            self.check(now, *_thread_times())
 
-    def check(self, now: float, on_cpu: int, waiting: int, is_main: bool = True) -> None:
+    def check(self, now: float, on_cpu: int, waiting: int) -> None:
         """One window ends at ``now``: act on how long the threads waited in it."""
         t0, cpu0, wait0 = self._start
         self._start = (now, on_cpu, waiting)
@@ -203,7 +203,7 @@ class ContentionGuard(pl.Callback):
             message = f"training on {fewer} thread(s) instead of {threads}"
         else:
             message = f"throughput is throttled at {threads} thread(s)"
-        if message and is_main and self.verbose and not self.warned:
+        if message and self.verbose and not self.warned:
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             print(
                 f"hrnn_lit: shared CPUs: this run's threads waited for a CPU {waited:.0%} of "

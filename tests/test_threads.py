@@ -80,11 +80,11 @@ def test_importing_hrnn_lit_sets_the_wait_policy_before_torch_loads():
     assert out.stdout.split() == ["False", "ACTIVE"], out.stderr
 
 
-def _window(guard, waited_s, on_cpu_s, end_s, wall_s=0.25, is_main=True):
+def _window(guard, waited_s, on_cpu_s, end_s, wall_s=0.25):
     """The window (end_s - wall_s, end_s]: the threads ran on_cpu_s CPU seconds in it and
     waited waited_s seconds in run queues (all threads together)."""
     guard._start = (end_s - wall_s, 0, 0)
-    guard.check(end_s, int(on_cpu_s * 1e9), int(waited_s * 1e9), is_main=is_main)
+    guard.check(end_s, int(on_cpu_s * 1e9), int(waited_s * 1e9))
 
 
 def test_guard_drops_to_the_cpus_the_run_got_and_says_so_once(threads, capsys):
@@ -133,8 +133,8 @@ def test_guard_leaves_a_fixed_count_alone_and_warns_once(threads, capsys):
     assert torch.get_num_threads() == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "throughput is throttled at 2 thread(s)" in err
-    other_rank = runtime.ContentionGuard(adapt=True)
-    _window(other_rank, waited_s=0.25, on_cpu_s=0.25, end_s=0.25, is_main=False)
+    other_rank = runtime.ContentionGuard(adapt=True, verbose=False)
+    _window(other_rank, waited_s=0.25, on_cpu_s=0.25, end_s=0.25)
     assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""  # rank 0 speaks
 
 
