@@ -276,9 +276,9 @@ class DivergenceGuard(pl.Callback):
         ckpt = trainer.checkpoint_callback
         last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
         kept = (
-            f"{last} holds the last weights that passed this check"
+            f"{last} holds the last weights that passed this check (ckpt_path=last resumes)"
             if last is not None and last.is_file()
-            else "no checkpoint was written"
+            else "No checkpoint was written"
         )
         raise NumericalError(
             f"training diverged: {why}. {kept}; lower model.lr or set model.clip_grad_norm"
