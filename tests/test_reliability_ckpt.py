@@ -170,3 +170,16 @@ def test_mode_test_with_a_conflicting_model_stops_with_one_line(tmp_path, sessio
     assert len(lines) == 1 and lines[0].startswith("error: model=hrnn_init conflicts with")
     assert "name: 'session_rnn' in the checkpoint, 'hrnn_init' here" in lines[0]
     assert not (tmp_path / "results.json").exists()
+
+
+def test_resumed_run_continues_the_wandb_run_of_its_checkpoint(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run(compose_cfg(["logger=wandb"], tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    run_id = ckpt["hrnn_lit_run"]["wandb_id"]
+    run(compose_cfg(["logger=wandb", "ckpt_path=last", "trainer.max_epochs=2"], tmp_path))
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
