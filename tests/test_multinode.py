@@ -36,6 +36,13 @@ SLURM = {
 }
 
 
+# the README's SLURM command: 2 nodes x 4 GPUs, one rank per GPU
+SLURM_SWEEP = [
+    "hydra/launcher=slurm", "hydra.launcher.nodes=2", "trainer.accelerator=gpu",
+    "trainer.devices=4",
+]  # fmt: skip
+
+
 def test_slurm_multi_node_rank_address_and_port():
     before = dict(os.environ)
     r = launch.discover(SLURM)
@@ -210,9 +217,8 @@ def test_slurm_launcher_spans_nodes_with_one_task_per_device():
 
     from tests.conftest import CONF
 
-    overrides = ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "trainer.devices=4"]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        cfg = compose("config", overrides=SLURM_SWEEP, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert list(launcher.setup) == []  # the port comes from the job id, the same on every node
