@@ -171,8 +171,8 @@ def setup(cfg: DictConfig) -> World:
         )
     devices = cfg.trainer.get("devices", 1)
     n = devices if isinstance(devices, int) else 1
-    if n <= 1:
-        return World(device=_device(gpu, 0))
+    if n <= 1:  # one process: Lightning places it (and reports a missing GPU)
+        return World(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
     device = _device(gpu, 0)
     port = _free_port()
     workers = _start_workers(cfg, n, port)
