@@ -10,8 +10,11 @@ The ranks come from one of three places, looked up in this order (``discover``):
   1..N-1 as ``python -m hrnn_lit.launch CONFIG`` on the job's resolved config, with
   ``HRNN_LIT_WORKER=rank,size,port`` in their environment. The workers never go through
   Hydra, so a Hydra multirun (basic or joblib launcher) is never re-launched;
-- **torchrun / torchelastic** (one or many nodes): rank, world size, local rank and the
-  rendezvous address from torchrun's variables (Lightning's TorchElasticEnvironment);
+- **torchrun / torchelastic** (one or many nodes), or any launcher that sets ``RANK`` and
+  ``WORLD_SIZE``: rank, world size, local rank and ranks per node, and the rendezvous
+  address from the variables Lightning's TorchElasticEnvironment reads (``LOCAL_RANK``,
+  ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); the group joins torchrun's
+  store (``env://``);
 - **SLURM** (``srun``, or submitit with tasks_per_node = trainer.devices; one or many
   nodes): Lightning's SLURMEnvironment: the root node is the first host of
   ``SLURM_NODELIST``, the port is derived from ``SLURM_JOB_ID`` (``MASTER_ADDR`` /
