@@ -6,10 +6,11 @@ Each run is ``python -m hrnn_lit logger=none`` (plus ``--override``s) in its own
 folder; its speed is results.json's ``perf/train_events_per_s``. The share of a run started
 together with another is its speed over the lone run's speed in the same bench (target:
 each >= 0.75). ``--repeats N`` alternates N lone and N paired rounds and compares medians.
-``--baseline`` runs the old default for comparison: every usable CPU as a torch thread
-with OpenMP's spinning wait policy, and no adaptation (a fixed num_threads is never
-lowered). The load average before and after goes into the JSON: on a busy machine "alone"
-is not alone.
+``--baseline`` runs the old default for comparison: every usable CPU as a torch thread,
+GNU OpenMP's default spinning (``GOMP_SPINCOUNT=300000``, what it does when
+``OMP_WAIT_POLICY`` is unset; hrnn_lit now sets PASSIVE), and no adaptation (a fixed
+num_threads is never lowered). The load average before and after goes into the JSON: on a
+busy machine "alone" is not alone.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main() -> None:
     env = dict(os.environ)
     overrides = list(args.override)
     if args.baseline:
-        env["OMP_WAIT_POLICY"] = "ACTIVE"
+        env["GOMP_SPINCOUNT"] = "300000"
         overrides.append(f"num_threads={usable_cpus()}")
     load_before = os.getloadavg()
     alone, together = [], []
@@ -89,6 +90,7 @@ def main() -> None:
         "command": " ".join(["python", "experiments/bench_contention.py", *sys.argv[1:]]),
         "overrides": overrides,
         "omp_wait_policy": env.get("OMP_WAIT_POLICY", "PASSIVE (hrnn_lit's default)"),
+        "gomp_spincount": env.get("GOMP_SPINCOUNT"),
         "usable_cpus": usable_cpus(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
