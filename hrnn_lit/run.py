@@ -218,6 +218,9 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
     guard = runtime.ContentionGuard(adapt=not cfg.get("num_threads"), verbose=world.is_main)
     callbacks = [throughput, record, guard]
     loggers = []
+    if not world.is_main and cfg.get("callbacks") and cfg.callbacks.get("divergence"):
+        # every rank holds the same weights: all stop together instead of waiting on rank 0
+        callbacks.append(instantiate(cfg.callbacks.divergence))
     if world.is_main:
         callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
         logger_cfgs = OmegaConf.create(
