@@ -212,3 +212,19 @@ def test_data_path_that_is_a_directory_is_one_line(tmp_path):
     cfg = compose_cfg(["data=events", f"data.path={tmp_path}"], tmp_path / "out")
     with pytest.raises(DataError, match="not a regular file"):
         _instantiate(cfg.data).load_splits()
+
+
+def test_a_killed_writers_old_temporary_directory_is_removed(tmp_path):
+    import os
+
+    (tmp_path / "cache").mkdir()
+    load(tmp_path)
+    entry_name = entry_dir(tmp_path).name
+    shutil.rmtree(tmp_path / "cache" / entry_name)
+    old = tmp_path / "cache" / f".{entry_name}.dead.tmp"
+    fresh = tmp_path / "cache" / f".{entry_name}.live.tmp"
+    for d in (old, fresh):
+        d.mkdir()
+    os.utime(old, (1, 1))  # written long ago by a process that was killed
+    _instantiate(events_cfg(tmp_path).data).load_splits()
+    assert not old.exists() and fresh.exists(), "a recent one may belong to a live writer"

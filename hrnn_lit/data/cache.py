@@ -108,16 +108,40 @@ def save_splits(splits: Splits, directory: Path, inputs: dict | None = None) -> 
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # a concurrent run wrote it first
             return False
+        remove_stale(directory)
         return True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+STALE_S = 24 * 3600  # a writer's temporary directory this old belongs to a killed process
+
+
+def remove_stale(directory: Path, max_age_s: float = STALE_S) -> None:
+    """Delete temporary and discarded copies of this entry left by killed processes."""
+    import time
+
+    now = time.time()
+    for p in directory.parent.glob(f".{directory.name}.*"):
+        if p.suffix in (".tmp", ".bad") and p.is_dir():
+            try:
+                if now - p.stat().st_mtime > max_age_s:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+
 def check_entry(directory: Path, key: str | None = None) -> str | None:
     """Why the entry cannot be used (one phrase), or None when its manifest checks out:
     present, for this key, every split with the recorded size, checksum and row count."""
-    directory = Path(directory)
+    try:
+        return _check_entry(Path(directory), key)
+    except OSError as e:  # e.g. another process discarded the entry while it was read
+        return f"unreadable ({type(e).__name__}: {e.strerror or e})"
+
+
+def _check_entry(directory: Path, key: str | None) -> str | None:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         files = manifest["files"]
