@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
-from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS, RESETS
+from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS, RESETS, parse_activation
 from hrnn_lit.models.engine import ENGINES
 from hrnn_lit.models.graph_step import graph_support
 from hrnn_lit.models.losses import LOSSES
@@ -147,7 +147,40 @@ def validate_rnn(cfg: DictConfig) -> None:
         raise ConfigError("model.reset_at=user (RNN Concat) needs model.user_propagation=none")
     if cfg.model.user_propagation != "none":
         _int(cfg, "model.user_hidden_size", 1)
-    _choice(cfg, "model.final_act", ACTIVATIONS)
+    try:
+        parse_activation(_get(cfg, "model.final_act"))
+    except ValueError as e:
+        raise ConfigError(f"model.final_act {e}") from None
     _choice(cfg, "model.user_to_session_act", ACTIVATIONS)
-    for key in ("dropout_session", "dropout_user", "dropout_init"):
-        _float(cfg, f"model.{key}", 0.0, 0.999)
+    for key in (
+        "dropout_session",
+        "dropout_user",
+        "dropout_init",
+        "dropout_embed",
+        "dropout_hidden",
+    ):
+        if key in cfg.model:
+            _float(cfg, f"model.{key}", 0.0, 0.999)
+    m = cfg.model
+    if "embedding" in m:
+        _int(cfg, "model.embedding", 0)
+    tied = m.get("constrained_embedding", False)
+    if not isinstance(tied, bool):
+        raise ConfigError(f"model.constrained_embedding must be true or false, got {tied!r}")
+    if tied and m.get("embedding", 0):
+        raise ConfigError(
+            "model.constrained_embedding=true ties the input to the output item matrix: "
+            f"set model.embedding=0 (got {m.embedding})"
+        )
+    if "logq" in m:
+        _float(cfg, "model.logq", 0.0)
+    if m.get("cuda_graph", False):
+        on = [f"model.{k}" for k in ("logq", "embedding", "dropout_embed", "dropout_hidden")
+              if m.get(k, 0)]  # fmt: skip
+        on += ["model.constrained_embedding"] if tied else []
+        if m.final_act not in ACTIVATIONS:
+            on.append(f"model.final_act={m.final_act}")
+        if on:
+            raise ConfigError(
+                f"model.cuda_graph=true does not cover {', '.join(on)} (set model.cuda_graph=false)"
+            )

@@ -32,6 +32,13 @@ VARIANTS = {
     "hrnn_all_output": dict(user_propagation="all", user_to_output=True),
     "hrnn_init_relu": dict(user_propagation="init", user_to_session_act="relu"),
     "hrnn_init_linear": dict(user_propagation="init", user_to_session_act="linear"),
+    # the official GRU4Rec code's input alternatives: tied and separate input embeddings
+    "session_rnn_tied": dict(user_propagation="none", constrained_embedding=True),
+    "rnn_concat_embedding": dict(user_propagation="none", reset_at="user", embedding=3),
+    "hrnn_init_embedding": dict(user_propagation="init", embedding=3),
+    "hrnn_all_output_tied": dict(
+        user_propagation="all", user_to_output=True, constrained_embedding=True
+    ),
 }
 
 
@@ -52,6 +59,8 @@ def make_core(variant: str, final_act: str = "linear", dropout: float = 0.0) -> 
         dropout_session=dropout,
         dropout_user=dropout,
         dropout_init=dropout,
+        dropout_embed=dropout,
+        dropout_hidden=dropout,
         **VARIANTS[variant],
     ).double()
     with torch.no_grad():  # non-zero user-to-output weights and output biases
@@ -81,9 +90,10 @@ def dense_grads(core) -> dict[str, torch.Tensor]:
     return out
 
 
-def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5, on_distinct=False):
+def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5, on_distinct=False, logq=None):
     """(loss, new h, grads) of the autograd reference and of train_step from equal states
-    (``on_distinct``: the step scores the distinct candidates only)."""
+    (``on_distinct``: the step scores the distinct candidates only; ``logq``: a logQ bias
+    [N] subtracted from the candidates' training scores)."""
     h0, c0, item, cand, valid, ss, us = inputs(n_sample)
     results = []
     for hand_written in (False, True):
@@ -93,13 +103,14 @@ def both(variant, loss, final_act="linear", dropout=0.0, n_sample=5, on_distinct
         if hand_written:
             h, c, st = start_sessions(core, h0, c0, ss, us, rows)
             dl = distinct_loss_and_grad(loss) if on_distinct else None
-            args = (item, h, c, cand, valid, st, None, None, dl)
+            args = (item, h, c, cand, valid, st, None, None, dl, logq)
             h_new, value = train_step(core, loss_and_grad(loss), *args)
         else:
             # the reference: the network's model API, as the autograd engine runs it
             state = core.start((h0, c0), Starts(ss, us, rows))
             h_new, c = core.step(item, state)
-            value = LOSSES[loss](core.score((h_new, c), cand), valid)
+            scores = core.score((h_new, c), cand)
+            value = LOSSES[loss](scores if logq is None else scores - logq, valid)
             (value * valid.sum() / B).backward()  # empty slots weigh in as zero
             h_new, value = h_new.detach(), value.detach()
         results.append((value, h_new, dense_grads(core)))
@@ -119,7 +130,7 @@ def test_matches_autograd(variant, loss):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("final_act", ["linear", "tanh"])
+@pytest.mark.parametrize("final_act", ["linear", "tanh", "elu-1"])
 def test_cross_entropy_on_distinct_candidates_matches_autograd(variant, final_act):
     """Scoring each distinct candidate once, with its multiplicity, gives the loss and the
     gradients of the full [B, B+S] matrix: the inputs repeat targets and samples, a sample
@@ -185,11 +196,33 @@ def test_training_and_evaluation_steps_give_equal_states(variant):
     assert not torch.equal(h_new, h)
 
 
-@pytest.mark.parametrize("final_act", ["tanh", "relu"])
+@pytest.mark.parametrize("final_act", ["tanh", "relu", "elu-0.5", "leaky-0.1", "selu-1.05-1.67"])
 @pytest.mark.parametrize("loss", ["cross-entropy", "top1", "bpr-max"])
 def test_final_activations(final_act, loss):
     (ref_loss, _, ref_g), (loss_, _, g) = both("hrnn_init_output", loss, final_act)
     assert loss_.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("on_distinct", [False, True])
+@pytest.mark.parametrize("variant", ["session_rnn", "hrnn_all_output_tied"])
+def test_logq_correction_matches_autograd(variant, loss, on_distinct):
+    """The logQ column bias (subtracted from the training scores) in the hand-written step,
+    on the full score matrix and, for cross-entropy, on the distinct candidates, where the
+    occurrences of one item carry different biases (a target that is also a sample)."""
+    if on_distinct and loss != "cross-entropy":
+        pytest.skip("distinct candidates: cross-entropy only")
+    bias = torch.linspace(-1.0, 2.0, B + 5, dtype=torch.float64)
+    (ref_loss, ref_h, ref_g), (loss_, h, g) = both(
+        variant, loss, dropout=0.25, on_distinct=on_distinct, logq=bias
+    )
+    (plain_loss, _, _), _ = both(variant, loss, dropout=0.25)
+    assert loss_.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    assert abs(ref_loss.item() - plain_loss.item()) > 1e-3  # the bias changes the loss
+    torch.testing.assert_close(h, ref_h, rtol=1e-10, atol=1e-12)
+    assert sorted(g) == sorted(ref_g)
     for name in ref_g:
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-12, msg=name)
 

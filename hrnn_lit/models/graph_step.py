@@ -44,6 +44,29 @@ def graph_support(loss: str, optimizer: str, momentum: float, clip: float) -> st
     return None
 
 
+def graph_features(core: RecurrentCore, logq: float = 0.0) -> str | None:
+    """Why the network's options keep its update out of a CUDA graph (None: they do not):
+    the graph step is written for one-hot input, the three plain final activations and no
+    logQ or input/hidden-state dropout."""
+    keys = []
+    if logq:
+        keys.append("model.logq")
+    if core.input_mode != "onehot":
+        keys.append(
+            "model.constrained_embedding" if core.input_mode == "constrained" else "model.embedding"
+        )
+    if core.final_act_name not in ("linear", "tanh", "relu"):
+        keys.append(f"model.final_act={core.final_act_name}")
+    keys += [
+        f"model.{k}"
+        for k in ("dropout_embed", "dropout_hidden")
+        if getattr(core, "drop_" + k[8:]).p > 0
+    ]
+    return (
+        f"does not cover {', '.join(keys)} (use the eager step: cuda_graph=false)" if keys else None
+    )
+
+
 def pad_unique(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.unique(x[t], return_inverse=True)`` of every row of x [T, M] at the fixed
     width M, with no host sync: values [T, M] (row t's sorted distinct values, then item 0
@@ -100,9 +123,7 @@ def chunk_inputs(batch: Chunk, candidates: Tensor) -> tuple[Tensor, Tensor]:
     c_val, c_inv, c_real = pad_unique(candidates)  # [T, N] each
     i_val, i_inv, i_real = pad_unique(inp)  # [T, B] each
     ids = torch.cat([inp, candidates, c_val, c_inv, i_val, i_inv], 1)
-    flags = torch.cat(
-        [batch.valid, batch.session_start, batch.user_start, c_real, i_real], 1
-    )
+    flags = torch.cat([batch.valid, batch.session_start, batch.user_start, c_real, i_real], 1)
     return ids, flags
 
 

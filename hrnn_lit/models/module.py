@@ -38,9 +38,9 @@ from hrnn_lit.evaluation.evaluator import Evaluation
 from hrnn_lit.evaluation.ranking import catalogue_ranks
 from hrnn_lit.evaluation.replay import replay_scored
 from hrnn_lit.models import api, update
-from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.models.core import ACTIVATIONS, RecurrentCore
 from hrnn_lit.models.engine import build_net, resolve_engine
-from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_support
+from hrnn_lit.models.graph_step import GraphStep, chunk_inputs, graph_features, graph_support
 from hrnn_lit.models.losses import LOSSES, distinct_loss_and_grad, loss_and_grad
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.models.sampling import PopularitySampler
@@ -112,6 +112,11 @@ class RecurrentRecommender(pl.LightningModule):
         dropout_session: float = 0.0,
         dropout_user: float = 0.0,
         dropout_init: float = 0.0,
+        embedding: int = 0,
+        constrained_embedding: bool = False,
+        dropout_embed: float = 0.0,
+        dropout_hidden: float = 0.0,
+        logq: float = 0.0,
         loss: str = "top1",
         bpreg: float = 1.0,
         n_sample: int = 0,
@@ -145,6 +150,10 @@ class RecurrentRecommender(pl.LightningModule):
             dropout_session=dropout_session,
             dropout_user=dropout_user,
             dropout_init=dropout_init,
+            embedding=embedding,
+            constrained_embedding=constrained_embedding,
+            dropout_embed=dropout_embed,
+            dropout_hidden=dropout_hidden,
         )  # fmt: skip
         self.engine = resolve_engine(engine, self.net, cuda_graph)
         # evaluation of the built-in network takes its fast path (``_eval_chunk``; the same
@@ -158,6 +167,7 @@ class RecurrentRecommender(pl.LightningModule):
         counts = np.ones(n_items, np.int64) if item_counts is None else np.asarray(item_counts)
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self._sampler: PopularitySampler | None = None
+        self._log_counts: Tensor | None = None
         self._graph: GraphStep | None = None
         self._train_state: api.State | None = None
         self._last_finite: tuple[int, Tensor] | None = None
@@ -219,7 +229,8 @@ class RecurrentRecommender(pl.LightningModule):
         if self._progress_hooks() is None:
             return "needs trainer.precision 32-true or bf16-mixed on a single device"
         hp = self.hparams
-        return graph_support(hp.loss, hp.optimizer, hp.momentum, hp.clip_grad_norm)
+        why = graph_support(hp.loss, hp.optimizer, hp.momentum, hp.clip_grad_norm)
+        return why or graph_features(self.core, hp.logq)
 
     def on_train_epoch_start(self) -> None:
         self._train_state = None
@@ -317,12 +328,13 @@ class RecurrentRecommender(pl.LightningModule):
             samples = self._sampler.draw((T, n_sample))
         cand = tgt if n_sample == 0 else torch.cat([tgt, samples], dim=1)  # [T, B + S]
         losses = torch.zeros(T, device=inp.device)
+        logq = self._logq_bias(tgt, cand[:, B:])
         if self.engine == "autograd":
-            state = self._autograd_chunk(batch, cand, state, losses)
+            state = self._autograd_chunk(batch, cand, state, losses, logq)
         elif self.hparams.cuda_graph:
             state = self._graph_chunk(batch, cand, *state, losses)
         else:
-            state = self._eager_chunk(batch, cand, *state, losses)
+            state = self._eager_chunk(batch, cand, *state, losses, logq)
         self._unchecked.append((losses, self.current_epoch, batch_idx, self.global_step - T))
         self._check_finite(self._checks_behind())  # one host sync per chunk, not per step
         self._train_state = state
@@ -335,7 +347,25 @@ class RecurrentRecommender(pl.LightningModule):
             batch_size=batch.n_events,
         )
 
-    def _autograd_chunk(self, batch: Chunk, cand: Tensor, state: api.State, losses: Tensor):
+    def _logq_bias(self, targets: Tensor, samples: Tensor) -> Tensor | None:
+        """The logQ correction of a chunk's candidate columns [T, B + S] (None where
+        ``logq`` is 0), subtracted from their training scores: ``logq * log q(item)`` with q
+        the column's drawing weight, as in the official GRU4Rec code: the slots' targets
+        (in-batch negatives for the other slots) come from the data, q = count; the samples
+        from the sampler, q = count ** sample_alpha (both unnormalised)."""
+        logq = self.hparams.logq
+        if not logq:
+            return None
+        if self._log_counts is None:
+            self._log_counts = self.item_counts.to(torch.float32).clamp(min=1).log()
+        log_c = self._log_counts.to(targets.device)
+        alpha = self.hparams.sample_alpha
+        return torch.cat([logq * log_c[targets], (logq * alpha) * log_c[samples]], dim=1)
+
+    def _autograd_chunk(
+        self, batch: Chunk, cand: Tensor, state: api.State, losses: Tensor,
+        logq: Tensor | None = None,
+    ):  # fmt: skip
         """The chunk's updates through the network's forward and autograd: per time step,
         the start rules, one step, the scores of the candidates, the loss (mean over valid
         slots), ``manual_backward`` of it times the share of valid slots (as the manual
@@ -352,6 +382,8 @@ class RecurrentRecommender(pl.LightningModule):
                 state = net.start(state, chunk_starts(batch, t))
             state = net.step(inp[t], state)
             scores = _at_least_float32(net.score(state, cand[t]))  # [B, B + S]
+            if logq is not None:  # training scores only: the logQ correction
+                scores = scores - logq[t].to(scores.dtype)
             loss = self.loss_fn(scores, valid[t])
             for p in params:  # = opt.zero_grad(set_to_none=True)
                 p.grad = None
@@ -382,7 +414,10 @@ class RecurrentRecommender(pl.LightningModule):
             after()
         return gs.state()
 
-    def _eager_chunk(self, batch: Chunk, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor):
+    def _eager_chunk(
+        self, batch: Chunk, cand: Tensor, h: Tensor, c: Tensor, losses: Tensor,
+        logq: Tensor | None = None,
+    ):  # fmt: skip
         step, direct = self._optimizer_step()
         mm_dtype = self._mm_dtype
         clip = self.hparams.clip_grad_norm
@@ -400,6 +435,7 @@ class RecurrentRecommender(pl.LightningModule):
             h, loss, cache = update.forward(
                 self.core, self.loss_grad, inp[t], h, c, cand[t], valid[t], start, mm_dtype,
                 distinct[t], self.distinct_loss_grad,
+                None if logq is None else logq[t].to(h.dtype),
             )  # fmt: skip
             if direct is not None:
                 direct(update.gradients(self.core, cache))
@@ -576,7 +612,7 @@ class RecurrentRecommender(pl.LightningModule):
             collector.ties,
             user=c_sel if user_w is not None else None,
             user_weight=user_w,
-            act=self.hparams.final_act,
+            act=self.hparams.final_act if core.final_act_name in ACTIVATIONS else "linear",
             max_rows=self.hparams.eval_block,
             rank_cap=collector.rank_cap,
         )

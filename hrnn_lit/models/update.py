@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.models import native
-from hrnn_lit.models.core import RecurrentCore, gru_gates, zero_rows
+from hrnn_lit.models.core import RecurrentCore, activation_derivative, gru_gates, zero_rows
 
 LossGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
 DistinctLossGrad = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -37,13 +37,15 @@ DistinctLossGrad = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tens
 def _act_derivative(name: str, y: Tensor) -> Tensor | None:
     """d y / d s of an activation y = act(s) (final scores, init projection), from y
     (None: identity)."""
-    if name == "linear":
-        return None
-    if name == "tanh":
-        return 1 - y * y
-    if name == "relu":
-        return y > 0
-    raise ValueError(f"unknown final activation {name!r}")
+    return activation_derivative(name, y)
+
+
+def _merge_rows(rows_a: Tensor, g_a: Tensor, rows_b: Tensor, g_b: Tensor) -> tuple[Tensor, Tensor]:
+    """One coalesced row-sparse gradient (distinct rows, their summed gradient rows) from two
+    of the same table (the tied item matrix: its output rows and its input rows)."""
+    rows, inv = torch.unique(torch.cat([rows_a, rows_b]), return_inverse=True)
+    g = g_a.new_zeros(rows.numel(), g_a.shape[1])
+    return rows, g.index_add_(0, inv, torch.cat([g_a, g_b]))
 
 
 def _row_sums(uniq: Tensor, inv: Tensor, per_occurrence: Tensor) -> Tensor:
@@ -236,6 +238,7 @@ def forward(
     mm_dtype: torch.dtype | None = None,
     distinct: Distinct | None = None,
     distinct_loss: DistinctLossGrad | None = None,
+    logq_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Session-GRU step on input items [B] from states h [B, H], c [B, U] (``start``: the
     cache of ``start_sessions`` when it ran before this step), scores of the candidates [N]
@@ -248,13 +251,33 @@ def forward(
     (values, inverse) of ``torch.unique`` of the candidates and of the items, when known
     (``chunk_unique``); None: computed in ``backward``. ``distinct_loss``
     (``losses.distinct_loss_and_grad``): score each distinct candidate once, with its
-    multiplicity (the same loss and gradients; ``loss_grad`` is then unused)."""
+    multiplicity (the same loss and gradients; ``loss_grad`` is then unused).
+    ``logq_bias`` [N] (the logQ correction, ``logq * log p_sample`` of each candidate
+    column): subtracted from the training scores before the loss; on distinct candidates a
+    column's multiplicity becomes the sum of exp(-bias) over its occurrences.
+    Dropout masks are drawn in the network's order: input embedding, new state, scored
+    state."""
     H, B = core.hidden_size, item.numel()
-    gi = core.item_in.weight.index_select(0, item).add_(core.bias_in)  # [B, 3H]
+    emb = None
+    if core.input_mode == "onehot":
+        gi = core.item_in.weight.index_select(0, item)  # [B, 3H]
+        mask_embed = _dropout_mask(core.drop_embed, gi[:, :1])  # the one-hot vector
+        if mask_embed is not None:
+            gi.mul_(mask_embed)
+        gi.add_(core.bias_in)
+    else:  # the input embedding's rows [B, E] (tied: out_w's) through w_in
+        emb = core.input_table.weight.index_select(0, item)
+        mask_embed = _dropout_mask(core.drop_embed, emb)
+        if mask_embed is not None:
+            emb.mul_(mask_embed)
+        gi = torch.addmm(core.bias_in, emb, core.w_in.weight.T)
     gh = torch.addmm(core.w_h.bias, h, core.w_h.weight.T)  # [B, 3H]
     if core.user_propagation == "all":
         gi[:, : 2 * H].addmm_(c, core.w_c.weight.T)
     h_new, gru = _gru(gi, gh, h)
+    mask_hidden = _dropout_mask(core.drop_hidden, h_new)  # carried to the next step
+    if mask_hidden is not None:
+        h_new = h_new * mask_hidden
 
     mask = _dropout_mask(core.drop_session, h_new)
     h_out = h_new if mask is None else h_new * mask
@@ -273,10 +296,20 @@ def forward(
     y = core.final_act(s)
     d_act = _act_derivative(core.final_act_name, y)
     if distinct_loss is None:  # may overwrite y; loss: mean over valid slots
+        if logq_bias is not None:
+            y = y.sub_(logq_bias)
         loss, ds, row_scale = loss_grad(y, valid)
     else:  # the slots' targets' columns, the columns' multiplicities
         _, inv, counts = distinct[0]
+        if logq_bias is not None:  # occurrences weighted by exp(-bias)
+            occurs = torch.ones_like(logq_bias)
+            occurs[:B] = valid
+            weights = torch.exp(-logq_bias).mul_(occurs)
+            counts = weights.new_zeros(counts.numel()).index_add_(0, inv, weights)
         loss, ds, row_scale = distinct_loss(y, valid, inv[:B], counts)
+        if logq_bias is not None:  # the target's logit is its score minus its bias
+            n_valid = valid.sum().clamp(min=1)
+            loss = loss + (logq_bias[:B] * valid).sum() / n_valid
     if d_act is not None:
         ds.mul_(d_act)  # [B, N]
     # the update weighs each slot alike, an empty one as zero: a step with few valid slots
@@ -288,6 +321,7 @@ def forward(
         c=c, item=item, candidates=candidates, gru=gru, mask=mask, h_out=h_out,
         w_out=w_out, u_out=u_out, ds=ds, r=r, start=start, mm_dtype=mm_dtype,
         valid=valid, distinct=distinct, on_distinct=distinct_loss is not None,
+        emb=emb, mask_embed=mask_embed, mask_hidden=mask_hidden,
     )  # fmt: skip
     return h_new, loss, cache
 
@@ -332,11 +366,26 @@ def gradients(core: RecurrentCore, cache: dict) -> list[Grad]:
         dc = mm(ds_lp, cache["u_out"]).mul_(r)  # [B, U]
     if cache["mask"] is not None:
         dh.mul_(cache["mask"])
+    if cache["mask_hidden"] is not None:
+        dh.mul_(cache["mask_hidden"])
 
-    # ---- session GRU
+    # ---- session GRU and its input
     da, dgh = _gru_backward(dh, gru)  # [B, 3H] each
+    mask_embed = cache["mask_embed"]
+    if core.input_mode == "onehot":
+        d_in = da if mask_embed is None else da * mask_embed
+        grads.append((core.item_in.weight, in_uniq, _row_sums(in_uniq, in_inv, d_in)))
+    else:
+        grads.append((core.w_in.weight, None, da.T @ cache["emb"]))
+        d_emb = da @ core.w_in.weight  # [B, E]
+        if mask_embed is not None:
+            d_emb.mul_(mask_embed)
+        g_in = _row_sums(in_uniq, in_inv, d_emb)
+        if core.input_mode == "embedding":
+            grads.append((core.embed.weight, in_uniq, g_in))
+        else:  # tied: out_w's output rows and input rows as one gradient
+            grads[0] = (core.out_w.weight, *_merge_rows(uniq, grads[0][2], in_uniq, g_in))
     grads += [
-        (core.item_in.weight, in_uniq, _row_sums(in_uniq, in_inv, da)),
         (core.bias_in, None, da.sum(0)),
         (core.w_h.weight, None, dgh.T @ gru["h_prev"]),
         (core.w_h.bias, None, dgh.sum(0)),
