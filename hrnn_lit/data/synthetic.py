@@ -28,6 +28,10 @@ Structure, from the catalogue up:
   between clicks, so idle-gap sessionising (1800 s) recovers the generated sessions.
   Repeated items inside a session are left in; preprocessing's dedupe removes them.
 
+- **Independent sessions** (``independent_sessions=True``, with ``p_revisit=0``): every
+  session draws its own group and topic, so a user's past says nothing about the next
+  session (the control setting where history cannot help).
+
 Users have ``2 + Poisson(mean_sessions - 2)`` sessions of ``1 + Geometric`` events with mean
 ``mean_session_len`` (at least 2). The function's defaults keep the features added later
 (``p_revisit``) off and reproduce the earlier generator draw for draw; the default dataset
@@ -97,6 +101,7 @@ def generate_events(
     p_revisit: float = 0.0,
     revisit_decay: float = 1.0,
     zipf_exponent: float = 1.0,
+    independent_sessions: bool = False,
     seed: int = 0,
 ) -> pl.DataFrame:
     """Canonical events frame (user, item, ts) in time order per user (see the module
@@ -107,6 +112,8 @@ def generate_events(
         raise ValueError("need group_pool_size <= n_hot <= n_items")
     if not 0.0 <= p_revisit <= 1.0 or not 0.0 <= p_repeat <= 1.0:
         raise ValueError("p_repeat and p_revisit must lie in [0, 1]")
+    if independent_sessions and p_revisit > 0.0:
+        raise ValueError("independent_sessions needs p_revisit = 0 (revisits link sessions)")
     if revisit_decay < 1.0:
         raise ValueError(f"revisit_decay must be >= 1 (mean sessions back), got {revisit_decay}")
     rng = np.random.default_rng(seed)
@@ -125,6 +132,10 @@ def generate_events(
     pick = (rng.random(ses_user.size)[:, None] > np.cumsum(topic_weights, 1)[ses_user]).sum(1)
     ses_topic = user_topics[ses_user, pick.clip(0, topics_per_user - 1)]
     ses_len = 2 + rng.geometric(1.0 / max(mean_session_len - 1.0, 1.0), size=ses_user.size) - 1
+    ses_group = group[ses_user]
+    if independent_sessions:  # every session a fresh draw: a group, then one of its topics
+        ses_group = rng.integers(0, n_groups, size=ses_user.size)
+        ses_topic = group_topics[ses_group, rng.integers(0, topics_per_user, ses_user.size)]
 
     # Base items: a group favourite or a popular item of the session's topic.
     ev_ses = np.repeat(np.arange(ses_user.size), ses_len)
@@ -134,7 +145,7 @@ def generate_events(
         rng, per_topic, ev_ses.size, zipf_exponent
     )
     pool_rank = _zipf_ranks(rng, group_pool_size, ev_ses.size, pool_exponent)
-    pool_item = group_pool[group[ev_user], pool_rank]
+    pool_item = group_pool[ses_group[ev_ses], pool_rank]
     item = np.where(from_pool, pool_item, topic_item)
 
     # Time: gaps of 1 h to 5 days between sessions, 5 s to 10 min between clicks.
