@@ -87,6 +87,11 @@ def test_help_gives_the_allowed_values_the_code_accepts(help_page):
         m = re.match(r"^(\S+)\s{2,}(\S+( \| \S+)+)\s*$", line)
         if m:
             shown[m.group(1)] = set(m.group(2).split(" | "))
+    # parametrised activations are shown as patterns (elu-<a>): their kinds must match
+    acts = shown.get("model.final_act", set())
+    shown["model.final_act"] = {a for a in acts if "<" not in a}
+    core = importlib.import_module("hrnn_lit.models.core")
+    assert {a.split("-")[0] for a in acts if "<" in a} == set(getattr(core, "PARAMETRIC", {}))
     assert shown == _constants()
 
 
