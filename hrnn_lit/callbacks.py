@@ -111,19 +111,30 @@ def remove_orphans(directory: str | Path) -> list[Path]:
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` at the end of every training epoch and, with ``every_n_train_steps``,
-    at the first batch end at or past every multiple of that many optimiser updates (so
-    epochs whose update count is not a multiple still get their mid-epoch saves). Writes are
+    """``last.ckpt`` at the end of every training epoch; with ``every_n_train_steps``, at the
+    first batch end at or past every multiple of that many optimiser updates (so epochs
+    whose update count is not a multiple still get their mid-epoch saves); with
+    ``every_n_minutes``, at the first batch end that many minutes after the last save (a
+    resumed run continues exactly from any batch end, so time-based saves lose nothing of
+    the run's reproducibility, and their cost does not grow with the catalogue). Writes are
     atomic (``AtomicCheckpointIO``) and temporary files of a killed save are removed when
     training starts. Other ModelCheckpoint options (``save_top_k``, ``monitor``) work as in
     Lightning."""
 
-    def __init__(self, dirpath: str, every_n_train_steps: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_train_steps: int | None = None,
+        every_n_minutes: float | None = None,
+        **kwargs,
+    ) -> None:
         kwargs.update(save_last=True, enable_version_counter=False, save_on_train_epoch_end=True)
         kwargs.setdefault("save_top_k", 0)
         super().__init__(dirpath=dirpath, **kwargs)
         self.every_n_updates = int(every_n_train_steps or 0)
+        self.every_s = 60.0 * float(every_n_minutes or 0.0)
         self._saved_at = 0
+        self._saved_time = time.monotonic()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -135,6 +146,7 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._saved_at = trainer.global_step
+        self._saved_time = time.monotonic()
 
     def _save_last_now(self, trainer) -> None:
         if self._should_skip_saving_checkpoint(trainer):
@@ -146,10 +158,13 @@ class LastCheckpoint(ModelCheckpoint):
             logger.save()
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._saved_at = trainer.global_step
+        self._saved_time = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.every_n_updates
         if n > 0 and trainer.global_step // n > self._saved_at // n:
+            self._save_last_now(trainer)
+        elif self.every_s > 0 and time.monotonic() - self._saved_time >= self.every_s:
             self._save_last_now(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -85,6 +85,8 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "callbacks.model_checkpoint") is not None:
         # optimiser updates (one per time step); saved at the first batch end past each multiple
         _int(cfg, "callbacks.model_checkpoint.every_n_train_steps", 1, optional=True)
+        if OmegaConf.select(cfg, "callbacks.model_checkpoint.every_n_minutes") is not None:
+            _float(cfg, "callbacks.model_checkpoint.every_n_minutes", 0.0)
     if OmegaConf.select(cfg, "callbacks.divergence") is not None:
         _float(cfg, "callbacks.divergence.max_norm_ratio", 1.0)
         _float(cfg, "callbacks.divergence.max_loss_ratio", 1.0)

@@ -95,6 +95,27 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, full_r
     assert_same_results(full_run, run_dir)
 
 
+def test_time_based_saves_resume_exactly(tmp_path, full_run):
+    """every_n_minutes (the default's mid-epoch saves) tiny: a save at every batch end."""
+    run_dir = tmp_path / "killed"
+    every = "callbacks.model_checkpoint.every_n_minutes=1e-9"
+    killed = cli(
+        [
+            *THREE_EPOCHS,
+            every,
+            f"hydra.run.dir={run_dir}",
+            "+callbacks.kill._target_=tests.helpers.KillAtUpdate",
+            "+callbacks.kill.update=40",  # batch ends at 16, 32, 48: killed at 48's end
+        ]
+    )
+    assert killed.returncode == -9
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 32 and ckpt["epoch"] == 0, "the last batch end before"
+    resumed = cli([*THREE_EPOCHS, every, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_results(full_run, run_dir)
+
+
 def test_ckpt_path_last_with_nothing_to_resume_stops_with_one_line(tmp_path):
     done = cli(["logger=none", f"hydra.run.dir={tmp_path}", "ckpt_path=last"])
     assert done.returncode == 2

@@ -28,6 +28,22 @@ from hrnn_lit.errors import ConfigError, DataError
 FIT_SPLITS = ("valid_train", "train")
 
 
+class ResumeSampler(torch.utils.data.Sampler):
+    """Chunk indices ``start..n-1`` of a resumed epoch, reporting the epoch's full length
+    ``n``: Lightning counts a resumed epoch's batches on from the checkpoint's batch index
+    and ends the epoch when that count equals the loader's length, so a loader shortened to
+    the chunks left would end the epoch early (losing its last ``start`` chunks)."""
+
+    def __init__(self, n: int, start: int) -> None:
+        self.n, self.start = n, min(max(start, 0), n)
+
+    def __iter__(self):
+        return iter(range(self.start, self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class SessionDataModule(pl_lightning.LightningDataModule):
     """Trains on ``fit_split``; validates on ``valid_test`` (only when fitting on
     ``valid_train``, so validation never scores sessions seen in training); tests on
@@ -201,9 +217,12 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         rank_of = shard_users(user_lengths(steps.user), self.world_size)
         return [select_users(steps, rank_of == r) for r in range(self.world_size)]
 
-    def _loader(self, steps: Steps, batch_size: int, epoch: int | None) -> DataLoader:
+    def _loader(
+        self, steps: Steps, batch_size: int, epoch: int | None, start: int = 0
+    ) -> DataLoader:
         """This rank's plan; for training (``epoch`` given) users are shuffled per epoch and
-        every rank's plan is padded to the longest, so all ranks run the same steps."""
+        every rank's plan is padded to the longest, so all ranks run the same steps.
+        ``start``: the first chunk (a resumed epoch; see ``ResumeSampler``)."""
         plans = []
         for shard in self._shards(steps):
             order = None
@@ -218,9 +237,11 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         # its own generator: creating an iterator must not draw from the global RNG, which
         # the model's dropout and negative sampling use (resumed runs must match exactly)
         # pinned host chunks on a GPU machine: Lightning's copy to the device is then async
+        dataset = PlanDataset(shard, plan, self.steps_per_batch)
         return DataLoader(
-            PlanDataset(shard, plan, self.steps_per_batch),
+            dataset,
             batch_size=None,
+            sampler=ResumeSampler(len(dataset), start) if start else None,
             generator=torch.Generator(),
             pin_memory=self._pin_memory(),
         )
@@ -238,10 +259,7 @@ class SessionDataModule(pl_lightning.LightningDataModule):
             fit_loop = self.trainer.fit_loop
             if fit_loop.restarting:  # resumed: skip the batches the checkpoint already trained
                 skip = fit_loop.epoch_loop.batch_progress.current.processed
-        loader = self._loader(self.fit_steps, self.batch_size, epoch)
-        if 0 < skip < len(loader.dataset):
-            loader.dataset.skip = skip
-        return loader
+        return self._loader(self.fit_steps, self.batch_size, epoch, skip)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_validation:
