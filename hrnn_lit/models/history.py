@@ -15,6 +15,7 @@ with f_k per slot and item (a user's history, kept in the state and reset at use
 and the gates g(b) = W_g [h; c] + b_g: the state decides how much this slot repeats
 (e.g. early in a session, or for a user who keeps coming back) and how much it explores.
 Where history carries no signal the gates can go to zero and the model is the HRNN.
+``repeat=False`` (an ablation) drops the repeat part.
 
 State: (h [B, H], c [B, U], history [B, 3, n_items]); the history counts are updated in
 place at each step (they take no gradient), so a step costs O(B) there, and the score of
@@ -42,6 +43,7 @@ class HistoryHRNN(nn.Module):
         user_hidden_size: int = 100,
         user_propagation: str = "init",
         decay: float = 0.5,
+        repeat: bool = True,
         dropout_session: float = 0.0,
         dropout_user: float = 0.0,
         dropout_init: float = 0.0,
@@ -49,7 +51,7 @@ class HistoryHRNN(nn.Module):
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
-        self.n_items, self.decay = n_items, decay
+        self.n_items, self.decay, self.repeat = n_items, decay, repeat
         self.rnn = RecurrentCore(
             n_items, hidden_size=hidden_size, user_hidden_size=user_hidden_size,
             user_propagation=user_propagation, dropout_session=dropout_session,
@@ -90,6 +92,9 @@ class HistoryHRNN(nn.Module):
         the explore part's normalisation (a sampled softmax), the repeat part is always
         normalised over the user's whole history."""
         h, c, hist = state
+        if not self.repeat:  # ablation: the explore part alone (an HRNN scored as log p)
+            s = self.rnn.score((h, c), items)
+            return s - torch.logsumexp(s, dim=1, keepdim=True)
         hc = torch.cat([h, c], dim=1)
         g = self.gate(hc)  # [B, 3]
         r_all = torch.bmm(g[:, None, :], _features(hist)).squeeze(1)  # [B, n_items]
