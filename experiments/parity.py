@@ -1,0 +1,216 @@
+"""Accuracy parity: the official GRU4Rec PyTorch code and hrnn_lit's session RNN on the same
+train/test files with mapped settings, several seeds, side by side (recall@20, MRR@20).
+
+Both read the same TAB-separated files (SessionId, ItemId, Time; hrnn_lit through
+``data=presplit``, ignoring any UserId so that its batches are session-parallel like the
+official code's) and rank every next item of the test sessions against all train items,
+ties counted against the target (``-e conservative`` / ``eval.ties=conservative``).
+
+The official code is not part of this project: pass the path of your checkout of
+https://github.com/hidasib/GRU4Rec_PyTorch_Official (it needs pandas; under numpy 2 see
+``bench_official.py``). It seeds its initial weights itself (numpy seed 42); the seed here
+seeds torch before its run (negative samples and dropout). Settings map as follows
+(official -> hrnn_lit): layers -> hidden_size, batch_size -> data.batch_size, learning_rate
+-> lr, n_sample, sample_alpha, logq, constrained_embedding, embedding as named;
+dropout_p_embed -> dropout_embed and dropout_p_hidden -> dropout_hidden with an input
+embedding, dropout_p_embed -> dropout_hidden with one-hot input (there the official code's
+input embedding is the GRU itself); bpr-max's elu_param a -> final_act=elu-a.
+
+    python experiments/parity.py --export-synthetic /tmp/parity --users 600
+    python experiments/parity.py --data /tmp/parity --official ~/GRU4Rec_PyTorch_Official \\
+        --settings equal features --seeds 0 1 2 --epochs 5 --md docs/parity_table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+COMMON = dict(layers=100, batch_size=50, learning_rate=0.05, n_sample=2048, sample_alpha=0.5)
+# name: (official parameters, hrnn_lit overrides beyond the common mapping)
+SETTINGS = {
+    "equal": (  # the issue's equal setting: cross-entropy, one-hot input, no logQ
+        dict(loss="cross-entropy", embedding=0, constrained_embedding=False, logq=0.0),
+        [],
+    ),
+    "equal_b128": (  # the same at batch 128
+        dict(loss="cross-entropy", embedding=0, constrained_embedding=False, logq=0.0,
+             batch_size=128),
+        [],
+    ),
+    "features": (  # every official feature on: logQ, tied embedding, both dropouts
+        dict(loss="cross-entropy", constrained_embedding=True, embedding=0, logq=1.0,
+             dropout_p_embed=0.2, dropout_p_hidden=0.2),
+        [],
+    ),
+    "bprmax": (  # BPR-max with the official elu on the scores, tied embedding, dropouts
+        dict(loss="bpr-max", constrained_embedding=True, embedding=0, elu_param=0.5, bpreg=1.0,
+             dropout_p_embed=0.2, dropout_p_hidden=0.2, sample_alpha=0.0),
+        [],
+    ),
+}  # fmt: skip
+
+
+def official_params(setting: str, epochs: int) -> dict:
+    return {**COMMON, "n_epochs": epochs, "momentum": 0.0, "elu_param": 0.0, **SETTINGS[setting][0]}
+
+
+def ours_overrides(params: dict) -> list[str]:
+    """hrnn_lit's keys for the official parameters (module docstring)."""
+    tied, emb = params.get("constrained_embedding", False), params.get("embedding", 0)
+    d_embed, d_hidden = params.get("dropout_p_embed", 0.0), params.get("dropout_p_hidden", 0.0)
+    if not tied and not emb:  # one-hot: the official input dropout acts on the GRU's state
+        d_embed, d_hidden = 0.0, d_embed
+    elu = params.get("elu_param", 0.0)
+    act = f"elu-{elu}" if params["loss"] == "bpr-max" and elu > 0 else "linear"
+    return [
+        "model=session_rnn",
+        f"model.loss={params['loss']}",
+        f"model.hidden_size={params['layers']}",
+        f"data.batch_size={params['batch_size']}",
+        f"model.lr={params['learning_rate']}",
+        f"model.n_sample={params['n_sample']}",
+        f"model.sample_alpha={params['sample_alpha']}",
+        f"model.logq={params.get('logq', 0.0)}",
+        f"model.constrained_embedding={str(bool(tied)).lower()}",
+        f"model.embedding={emb}",
+        f"model.dropout_embed={d_embed}",
+        f"model.dropout_hidden={d_hidden}",
+        f"model.bpreg={params.get('bpreg', 1.0)}",
+        f"model.final_act={act}",
+        f"trainer.max_epochs={params['n_epochs']}",
+    ]
+
+
+def export_synthetic(out: Path, users: int) -> None:
+    """train.tsv and test.tsv of data=synthetic (its preprocessing and last-session-out
+    split) with ``users`` generated users: SessionId, ItemId, Time, UserId."""
+    sys.path.insert(0, str(REPO))
+    import polars as pl
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"data.source.n_users={users}", "data.fit_split=train"])
+    dm = instantiate(cfg.data)
+    splits = dm.load_splits()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "test"):
+        frame = getattr(splits, name).select(
+            pl.col("session").alias("SessionId"), pl.col("item").alias("ItemId"),
+            pl.col("ts").alias("Time"), pl.col("user").alias("UserId"),
+        )  # fmt: skip
+        frame.write_csv(out / f"{name}.tsv", separator="\t")
+        print(f"{out / name}.tsv: {frame.height} events, {frame['SessionId'].n_unique()} sessions")
+
+
+def run_official(official: Path, data: Path, params: dict, seed: int, threads: int) -> dict:
+    """The official run.py under torch.manual_seed(seed): recall@20 and MRR@20."""
+    ps = ",".join(f"{k}={v}" for k, v in params.items())
+    argv = [str(official / "run.py"), str(data / "train.tsv"), "-ps", ps, "-d", "cpu",
+            "-t", str(data / "test.tsv"), "-m", "20", "-e", "conservative"]  # fmt: skip
+    code = (
+        "import runpy, sys, torch, pandas; torch.manual_seed(int(sys.argv[1])); "
+        # its logq line hands torch.tensor a pandas Series, which this torch refuses
+        "_tensor = torch.tensor; torch.tensor = lambda x, *a, **k: _tensor("
+        "x.to_numpy() if isinstance(x, pandas.Series) else x, *a, **k); "
+        f"sys.path.insert(0, {str(official)!r}); sys.argv = sys.argv[2:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(seed), *argv], env=env, capture_output=True, text=True
+    )
+    m = re.search(r"Recall@20: ([\d.]+) MRR@20: ([\d.]+)", proc.stdout)
+    if proc.returncode or not m:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        raise RuntimeError(f"{official / 'run.py'} failed (exit {proc.returncode}):\n{tail}")
+    return {"recall@20": float(m.group(1)), "mrr@20": float(m.group(2))}
+
+
+def run_ours(data: Path, overrides: list[str], seed: int, threads: int) -> dict:
+    """hrnn_lit on the same files (sessions only): recall@20 and MRR@20 of the test."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "hrnn_lit", "data=presplit",
+               f"data.train_path={data / 'train.tsv'}", f"data.test_path={data / 'test.tsv'}",
+               "data.user_col=null", *overrides, f"seed={seed}", f"num_threads={threads}",
+               "logger=none", "callbacks=none", f"paths.output_dir={out}",
+               "+trainer.enable_progress_bar=false"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        results = Path(out) / "results.json"
+        if proc.returncode or not results.exists():
+            tail = (proc.stdout + proc.stderr)[-2000:]
+            raise RuntimeError(f"hrnn_lit failed (exit {proc.returncode}):\n{tail}")
+        res = json.loads(results.read_text())
+    return {"recall@20": res["test/recall@20"], "mrr@20": res["test/mrr@20"]}
+
+
+def mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def table(results: dict, seeds: list[int], epochs: int) -> str:
+    lines = [
+        f"| setting ({len(seeds)} seeds, {epochs} epochs) | official recall@20 | hrnn_lit "
+        "recall@20 | official mrr@20 | hrnn_lit mrr@20 |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for name, res in results.items():
+        cells = [mean_std([r[m] for r in res[who]]) for m in ("recall@20", "mrr@20")
+                 for who in ("official", "ours")]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--export-synthetic", type=Path, help="write data=synthetic's TSVs here")
+    ap.add_argument("--users", type=int, default=600, help="synthetic users to export")
+    ap.add_argument("--data", type=Path, help="folder with train.tsv and test.tsv")
+    ap.add_argument("--official", type=Path, help="checkout of GRU4Rec_PyTorch_Official")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--md", type=Path, help="write the markdown table here")
+    ap.add_argument("--json", type=Path, help="write every run's metrics here")
+    args = ap.parse_args()
+    if args.export_synthetic:
+        export_synthetic(args.export_synthetic, args.users)
+        args.data = args.data or args.export_synthetic
+    if args.official is None:
+        return 0
+    if args.data is None:
+        ap.error("--data (or --export-synthetic) is needed with --official")
+    results: dict[str, dict[str, list[dict]]] = {}
+    for name in args.settings:
+        params = official_params(name, args.epochs)
+        results[name] = {"official": [], "ours": [], "params": params}
+        for seed in args.seeds:
+            a = run_official(args.official, args.data, params, seed, args.threads)
+            b = run_ours(args.data, ours_overrides(params), seed, args.threads)
+            results[name]["official"].append(a)
+            results[name]["ours"].append(b)
+            print(f"{name} seed {seed}: official {a}  hrnn_lit {b}", flush=True)
+    md = table(results, args.seeds, args.epochs)
+    print(md)
+    if args.md:
+        args.md.write_text(md)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
