@@ -183,3 +183,12 @@ def test_resumed_run_continues_the_wandb_run_of_its_checkpoint(tmp_path, monkeyp
     run(compose_cfg(["logger=wandb", "ckpt_path=last", "trainer.max_epochs=2"], tmp_path))
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+
+
+def test_a_checkpoint_of_other_data_is_one_line(tmp_path, trained):
+    cfg = compose_cfg([*BASE, "mode=test", f"ckpt_path={trained}", "data.source.seed=3"], tmp_path)
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    msg = one_line(e)
+    assert msg.startswith(f"ckpt_path: {trained} does not fit this model (n_items: ")
+    assert "another dataset or preprocessing?" in msg
