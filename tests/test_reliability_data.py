@@ -228,3 +228,40 @@ def test_a_killed_writers_old_temporary_directory_is_removed(tmp_path):
     os.utime(old, (1, 1))  # written long ago by a process that was killed
     _instantiate(events_cfg(tmp_path).data).load_splits()
     assert not old.exists() and fresh.exists(), "a recent one may belong to a live writer"
+
+
+
+def test_two_writers_renaming_at_the_same_moment(tmp_path, monkeypatch):
+    """Both writers reach the rename together (a barrier): one wins, the other drops its
+    copy, neither raises (was: OSError Directory not empty)."""
+    import os
+    import threading
+
+    _, splits = load(tmp_path)
+    entry = entry_dir(tmp_path)
+    inputs = json.loads((entry / "manifest.json").read_text())["inputs"]
+    shutil.rmtree(entry)
+    barrier, real_rename = threading.Barrier(2), os.rename
+
+    def rename_together(src, dst):
+        if str(src).endswith(".tmp"):
+            barrier.wait(timeout=30)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(cache.os, "rename", rename_together)
+    results, errors = [], []
+
+    def write():
+        try:
+            results.append(cache.save_splits(splits, entry, inputs))
+        except Exception as e:  # pragma: no cover - the failure this test guards against
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sorted(results) == [False, True]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]
+    assert cache.check_entry(entry) is None
