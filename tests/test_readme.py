@@ -115,8 +115,7 @@ def test_run_section_command_runs(args, tmp_path):
 
 def test_readme_links_point_to_files():
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README)
-    pending = {"docs/reliability.md"}  # written with the reliability work
-    missing = [p for p in links if not (ROOT / p).exists() and p not in pending]
+    missing = [p for p in links if not (ROOT / p).exists()]
     assert links and not missing
 
 
