@@ -177,23 +177,21 @@ class PlanDataset(torch.utils.data.Dataset):
 
     Item ``i`` is a ``Chunk`` of t time steps, so the model needs no device sync to read
     where sessions start.
-    Slices are cut on demand: memory stays at one plan.
-    ``skip`` drops the first chunks (resuming an epoch from a mid-epoch checkpoint).
+    Slices are cut on demand: memory stays at one plan. (A resumed epoch starts at a later
+    chunk through its sampler: datamodule.ResumeSampler.)
     """
 
-    def __init__(self, steps: Steps, plan: np.ndarray, steps_per_batch: int, skip: int = 0):
+    def __init__(self, steps: Steps, plan: np.ndarray, steps_per_batch: int):
         self.plan = plan
         self.steps = steps
         self.steps_per_batch = steps_per_batch
-        self.skip = skip
 
     def __len__(self) -> int:
-        return -(-self.plan.shape[0] // self.steps_per_batch) - self.skip
+        return -(-self.plan.shape[0] // self.steps_per_batch)
 
     def __getitem__(self, i: int) -> Chunk:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        i += self.skip
         plan = self.plan[i * self.steps_per_batch : (i + 1) * self.steps_per_batch]
         valid = plan >= 0
         idx = np.where(valid, plan, 0)
