@@ -180,12 +180,13 @@ class LastCheckpoint(ModelCheckpoint):
 
 class RunRecord(pl.Callback):
     """What a checkpoint carries besides Lightning's state: the model config it was built
-    from (``mode=test`` rebuilds the model from it) and the W&B run id (a resumed run
-    continues that run). On a resumed run it also applies the configured lr, momentum and
+    from (``mode=test`` rebuilds the model from it), the data plan settings (a mid-epoch
+    resume needs the same) and the W&B run id (a resumed run continues that run). On a resumed run it also applies the configured lr, momentum and
     weight decay to the restored optimiser (``changed``: what differed)."""
 
-    def __init__(self, model_config: dict | None = None) -> None:
+    def __init__(self, model_config: dict | None = None, data: dict | None = None) -> None:
         self.model_config = model_config
+        self.data = data  # the plan settings (checkpoints.PLAN_KEYS)
         self.changed: dict[str, list] = {}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -194,7 +195,11 @@ class RunRecord(pl.Callback):
         from hrnn_lit.checkpoints import RECORD_KEY
 
         wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        checkpoint[RECORD_KEY] = {"model_config": self.model_config, "wandb_id": wandb_id}
+        checkpoint[RECORD_KEY] = {
+            "model_config": self.model_config,
+            "data": self.data,
+            "wandb_id": wandb_id,
+        }
 
     def on_train_start(self, trainer, pl_module) -> None:
         from hrnn_lit.checkpoints import apply_optimizer_hparams

@@ -225,3 +225,36 @@ def batches_done(ckpt: dict) -> int:
     loops = (ckpt.get("loops") or {}).get("fit_loop") or {}
     state = loops.get("epoch_loop.state_dict") or {}
     return int(state.get("_batches_that_stepped", 0))
+
+
+# the settings that fix an epoch's plan: a mid-epoch checkpoint only continues under them
+PLAN_KEYS = ("batch_size", "steps_per_batch", "shuffle_users", "seed", "fit_split")
+
+
+def plan_settings(dm) -> dict:
+    """The datamodule's plan settings as used (``batch_size`` after clamping)."""
+    return {k: getattr(dm, k) for k in PLAN_KEYS if hasattr(dm, k)}
+
+
+def mid_epoch(ckpt: dict) -> bool:
+    """Whether the checkpoint was written inside an epoch (not at its end)."""
+    loops = (ckpt.get("loops") or {}).get("fit_loop") or {}
+    progress = loops.get("epoch_loop.batch_progress") or {}
+    done = (progress.get("current") or {}).get("processed", 0)
+    return done > 0 and not progress.get("is_last_batch", False)
+
+
+def check_data(ckpt: dict, now: dict, path: Path) -> dict[str, list]:
+    """Plan settings changed since the checkpoint: refused (one line) when it was written
+    mid-epoch, since the rest of that epoch would be another plan's; else returned as
+    {"data.key": [checkpoint's, now]} to record."""
+    saved = (ckpt.get(RECORD_KEY) or {}).get("data") or {}
+    diffs = {k: [saved[k], now[k]] for k in PLAN_KEYS if k in saved and k in now and saved[k] != now[k]}
+    if diffs and mid_epoch(ckpt):
+        k, (a, b) = next(iter(diffs.items()))
+        raise ConfigError(
+            f"data.{k}: {path} was written mid-epoch with data.{k}={a}; resuming with {b} "
+            f"cannot continue that epoch (resume with data.{k}={a}, or from a checkpoint "
+            "written at an epoch end)"
+        )
+    return {f"data.{k}": v for k, v in diffs.items()}

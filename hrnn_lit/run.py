@@ -201,7 +201,10 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
             "from": str(ckpt_file),
             "epoch": ckpt.get("epoch"),
             "global_step": ckpt.get("global_step"),
-            "changed": checkpoints.resume_changes(model, ckpt),
+            "changed": {
+                **checkpoints.resume_changes(model, ckpt),
+                **checkpoints.check_data(ckpt, checkpoints.plan_settings(dm), ckpt_file),
+            },
         }
         if world.is_main:
             changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resumed["changed"].items())
@@ -214,7 +217,9 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
     if world.size > 1:
         torch.manual_seed(cfg.seed * 1000 + world.rank)  # own negatives and dropout per rank
     throughput = Throughput()
-    record = RunRecord(OmegaConf.to_container(cfg.model, resolve=True))
+    record = RunRecord(
+        OmegaConf.to_container(cfg.model, resolve=True), checkpoints.plan_settings(dm)
+    )
     guard = runtime.ContentionGuard(adapt=not cfg.get("num_threads"), verbose=world.is_main)
     callbacks = [throughput, record, guard]
     loggers = []

@@ -192,3 +192,15 @@ def test_a_checkpoint_of_other_data_is_one_line(tmp_path, trained):
     msg = one_line(e)
     assert msg.startswith(f"ckpt_path: {trained} does not fit this model (n_items: ")
     assert "another dataset or preprocessing?" in msg
+
+
+def test_mid_epoch_resume_with_another_plan_is_refused(tmp_path):
+    run(compose_cfg([*BASE, "+trainer.max_steps=32"], tmp_path))  # stops inside epoch 0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 32 and ckpt["hrnn_lit_run"]["data"]["batch_size"] == 16
+    for change in ("data.batch_size=8", "data.steps_per_batch=8", "data.seed=5"):
+        cfg = compose_cfg([*BASE, "ckpt_path=last", change], tmp_path)
+        with pytest.raises(ConfigError) as e:
+            run(cfg)
+        key = change.split("=")[0]
+        assert one_line(e).startswith(f"{key}: ") and "written mid-epoch" in str(e.value)
