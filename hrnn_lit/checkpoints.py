@@ -228,7 +228,7 @@ def batches_done(ckpt: dict) -> int:
 
 
 # the settings that fix an epoch's plan: a mid-epoch checkpoint only continues under them
-PLAN_KEYS = ("batch_size", "steps_per_batch", "shuffle_users", "seed", "fit_split")
+PLAN_KEYS = ("batch_size", "steps_per_batch", "shuffle_users", "seed", "fit_split", "data_key")
 
 
 def plan_settings(dm) -> dict:
@@ -252,6 +252,12 @@ def check_data(ckpt: dict, now: dict, path: Path) -> dict[str, list]:
     diffs = {k: [saved[k], now[k]] for k in PLAN_KEYS if k in saved and k in now and saved[k] != now[k]}
     if diffs and mid_epoch(ckpt):
         k, (a, b) = next(iter(diffs.items()))
+        if k == "data_key":
+            raise ConfigError(
+                f"data: the splits differ from those {path} was trained on (data key {a}, "
+                f"now {b}: another file or preprocessing); a mid-epoch checkpoint cannot "
+                "continue on other data"
+            )
         raise ConfigError(
             f"data.{k}: {path} was written mid-epoch with data.{k}={a}; resuming with {b} "
             f"cannot continue that epoch (resume with data.{k}={a}, or from a checkpoint "

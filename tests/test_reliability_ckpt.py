@@ -198,6 +198,8 @@ def test_mid_epoch_resume_with_another_plan_is_refused(tmp_path):
     run(compose_cfg([*BASE, "+trainer.max_steps=32"], tmp_path))  # stops inside epoch 0
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 32 and ckpt["hrnn_lit_run"]["data"]["batch_size"] == 16
+    with pytest.raises(ConfigError, match="^data: the splits differ"):
+        run(compose_cfg([*BASE, "ckpt_path=last", "data.preprocess.session_gap=1801"], tmp_path))
     for change in ("data.batch_size=8", "data.steps_per_batch=8", "data.seed=5"):
         cfg = compose_cfg([*BASE, "ckpt_path=last", change], tmp_path)
         with pytest.raises(ConfigError) as e:

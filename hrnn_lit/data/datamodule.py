@@ -88,6 +88,7 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.cache_hit = False
         self.rank, self.world_size = 0, 1
         self.notices: list[str] = []  # for the user: the data stage, clamped settings
+        self.data_key: str | None = None  # the splits' identity (cache key), when computed
 
     def shard(self, rank: int, world_size: int) -> None:
         """Give this process a disjoint, step-balanced share of the users (DDP)."""
@@ -111,9 +112,11 @@ class SessionDataModule(pl_lightning.LightningDataModule):
             raise DataError(f"{self.path}: not a regular file (data.path must name a file)")
         entry, inputs = None, None
         t1 = time.perf_counter()
-        if self.cache_dir is not None:
+        if self.cache_dir is not None or self.path is None:  # (no file digest to pay for)
             inputs = key_inputs(self.path, self.source, self.preprocess_cfg)
-            key = key_of(inputs)
+            self.data_key = key_of(inputs)
+        if self.cache_dir is not None:
+            key = self.data_key
             entry = Path(self.cache_dir) / f"{self.name}-{key}"
             cached, why = load_splits(entry, key)
             if cached is not None:
