@@ -42,6 +42,20 @@ def test_history_counts_decay_by_session_and_reset_per_user():
     assert state[2][1, 2].sum() == 0 and state[2][1, 0].sum() == 2, "a new session"
 
 
+def test_the_memory_keeps_the_last_distinct_items():
+    net = HistoryHRNN(n_items=10, hidden_size=4, user_hidden_size=3, memory=2).eval()
+    state = net.initial_state(1, torch.device("cpu"))
+    state = net.start(state, _starts([True], [True]))
+    for item in (3, 4, 3, 5):  # 3 and 4 listed; 5 evicts 3 (the oldest listed)
+        state = net.step(torch.tensor([item]), state)
+    counts, listed, n_listed = state[2:]
+    assert sorted(listed[0].tolist()) == [4, 5] and n_listed.tolist() == [3]
+    assert counts[0, 0, 3] == 0 and counts[0, 0, 4] == 1 and counts[0, 0, 5] == 1
+    with torch.no_grad():
+        p = net.score(state).exp()
+    torch.testing.assert_close(p.sum(1), torch.ones(1))
+
+
 def test_scores_are_log_probabilities_over_the_catalogue():
     torch.manual_seed(0)
     net = HistoryHRNN(n_items=12, hidden_size=4, user_hidden_size=3).eval()
