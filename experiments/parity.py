@@ -58,6 +58,11 @@ SETTINGS = {
              dropout_p_embed=0.2, dropout_p_hidden=0.2, sample_alpha=0.0),
         [],
     ),
+    "bprmax_preset": (  # model=gru4rec_bprmax's recipe (the official coveo paramfile's style)
+        dict(loss="bpr-max", constrained_embedding=True, embedding=0, elu_param=1.0, bpreg=1.85,
+             dropout_p_embed=0.35, dropout_p_hidden=0.0, sample_alpha=0.2, momentum=0.4),
+        [],
+    ),
 }  # fmt: skip
 
 
@@ -79,6 +84,7 @@ def ours_overrides(params: dict) -> list[str]:
         f"model.hidden_size={params['layers']}",
         f"data.batch_size={params['batch_size']}",
         f"model.lr={params['learning_rate']}",
+        f"model.momentum={params.get('momentum', 0.0)}",
         f"model.n_sample={params['n_sample']}",
         f"model.sample_alpha={params['sample_alpha']}",
         f"model.logq={params.get('logq', 0.0)}",
@@ -138,12 +144,17 @@ def run_official(official: Path, data: Path, params: dict, seed: int, threads: i
     return {"recall@20": float(m.group(1)), "mrr@20": float(m.group(2))}
 
 
-def run_ours(data: Path, overrides: list[str], seed: int, threads: int) -> dict:
-    """hrnn_lit on the same files (sessions only): recall@20 and MRR@20 of the test."""
+def run_ours(
+    data: Path, overrides: list[str], seed: int, threads: int, users: bool = False
+) -> dict:
+    """hrnn_lit on the same files: recall@20 and MRR@20 of the test. ``users``: read the
+    UserId column (user-parallel batches, test sessions after the user's history); else
+    sessions only, session-parallel like the official code."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "hrnn_lit", "data=presplit",
                f"data.train_path={data / 'train.tsv'}", f"data.test_path={data / 'test.tsv'}",
-               "data.user_col=null", *overrides, f"seed={seed}", f"num_threads={threads}",
+               f"data.user_col={'UserId' if users else 'null'}", *overrides, f"seed={seed}",
+               f"num_threads={threads}",
                "logger=none", "callbacks=none", f"paths.output_dir={out}",
                "+trainer.enable_progress_bar=false"]  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
