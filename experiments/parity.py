@@ -16,9 +16,12 @@ dropout_p_embed -> dropout_embed and dropout_p_hidden -> dropout_hidden with an 
 embedding, dropout_p_embed -> dropout_hidden with one-hot input (there the official code's
 input embedding is the GRU itself); bpr-max's elu_param a -> final_act=elu-a.
 
-    python experiments/parity.py --export-synthetic /tmp/parity --users 600
+    python experiments/parity.py --export-synthetic /tmp/parity --users 1500
     python experiments/parity.py --data /tmp/parity --official ~/GRU4Rec_PyTorch_Official \\
-        --settings equal features --seeds 0 1 2 --epochs 5 --md docs/parity_table.md
+        --settings equal equal_b128 features bprmax bprmax_preset --seeds 0 1 2 --epochs 5 \\
+        --md table.md
+
+(docs/parity.md: the result on that data.)
 """
 
 from __future__ import annotations
