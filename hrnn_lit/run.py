@@ -17,7 +17,7 @@ from hrnn_lit import checkpoints, distributed, launch, runtime
 from hrnn_lit.callbacks import RunRecord, Throughput
 from hrnn_lit.config import validate
 from hrnn_lit.data.preprocess import split_stats
-from hrnn_lit.errors import ConfigError, HrnnError, NumericalError
+from hrnn_lit.errors import ConfigError, HrnnError
 from hrnn_lit.evaluation.evaluator import breakdowns
 from hrnn_lit.loggers import (
     finish,
@@ -208,9 +208,10 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
         }
         if world.is_main:
             changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resumed["changed"].items())
+            note = f"; changed: {changed} (applied)" if changed else ""
             print(
                 f"resuming from {ckpt_file} (epoch {resumed['epoch']}, update "
-                f"{resumed['global_step']})" + (f"; changed: {changed} (applied)" if changed else "")
+                f"{resumed['global_step']}){note}"
             )
     if torch.distributed.is_initialized():  # on this rank's device, then rank 0's weights
         distributed.replicate(model, world.device)
@@ -299,14 +300,7 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_fi
     if cfg.mode == "test":
         pass  # evaluate the loaded checkpoint only
     elif getattr(model, "trainable", True):
-        try:
-            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_file) if ckpt_file else None)
-        except NumericalError as e:
-            last = checkpoints.checkpoint_dir(cfg) / "last.ckpt"
-            claim = "Checkpoints hold the last good weights"
-            if claim in str(e) and not last.is_file():  # stopped before any save
-                raise NumericalError(str(e).replace(claim, "No checkpoint was written")) from None
-            raise
+        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_file) if ckpt_file else None)
         distributed.check_in_sync(model)
     else:  # non-neural baselines: fit from the training steps, no gradient steps
         t0 = time.perf_counter()

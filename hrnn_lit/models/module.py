@@ -21,6 +21,7 @@ catalogue.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import pytorch_lightning as pl
@@ -338,14 +339,13 @@ class RecurrentRecommender(pl.LightningModule):
         self._unchecked.append((losses, self.current_epoch, batch_idx, self.global_step - T))
         self._check_finite(self._checks_behind())  # one host sync per chunk, not per step
         self._train_state = state
-        self.log(
-            "train/loss",
-            losses.mean(),
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch.n_events,
-        )
+        n_valid = batch.valid.sum(1).to(losses.dtype)  # [T] events per time step
+        loss = (losses * n_valid).sum() / n_valid.sum().clamp(min=1)  # per event, not step
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch.n_events)
+        # the progress bar: the epoch's running loss (not the last chunk's, e.g. a tail of
+        # steps with one user left, where in-batch-only losses are 0)
+        self.log("loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False,
+                 batch_size=batch.n_events)  # fmt: skip
 
     def _logq_bias(self, targets: Tensor, samples: Tensor) -> Tensor | None:
         """The logQ correction of a chunk's candidate columns [T, B + S] (None where
@@ -497,9 +497,16 @@ class RecurrentRecommender(pl.LightningModule):
         raise NumericalError(
             f"training loss is {float(losses[t])} at epoch {epoch}, batch "
             f"{batch_idx}, update {first_update + t} (time step {t} of the batch); last finite "
-            f"loss: {last}. Checkpoints hold the last good weights; lower model.lr or set "
-            "model.clip_grad_norm"
+            f"loss: {last}. {self._kept_weights()}; lower model.lr or set model.clip_grad_norm"
         )
+
+    def _kept_weights(self) -> str:
+        """Where the last good weights are, for a stop message."""
+        ckpt = self._trainer.checkpoint_callback if self._trainer is not None else None
+        last = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
+        if last and os.path.isfile(last):
+            return f"{last} holds the last good weights"
+        return "No checkpoint was written"
 
     # ----------------------------------------------------------- evaluation
     def on_validation_epoch_start(self) -> None:
