@@ -156,6 +156,7 @@ CONFIGS = {
     "a_session_rnn_autograd": Config(A, "session_rnn", engine="autograd"),
     "a_hrnn_init_autograd": Config(A, "hrnn_init", engine="autograd"),
     "a_attention_hrnn": Config(A, "attention_hrnn", engine="autograd"),
+    "a_hrnn_history": Config(A, "hrnn_history", engine="autograd"),
 }
 AUTOGRAD_CONFIGS = [n for n, c in CONFIGS.items() if c.engine == "autograd"]
 
@@ -255,6 +256,9 @@ def model_kwargs(s: Setting, model: str) -> dict:
     if model == "attention_hrnn":  # the example network of the model API
         net = "hrnn_lit.models.attention_hrnn.AttentionHRNN"
         return dict(net={"_target_": net, "hidden_size": s.hidden})
+    if model == "hrnn_history":
+        net = "hrnn_lit.models.history.HistoryHRNN"
+        return dict(net={"_target_": net, "hidden_size": s.hidden, "user_hidden_size": s.hidden})
     hier = model != "session_rnn"
     return dict(
         hidden_size=s.hidden,
@@ -574,7 +578,7 @@ def bench_train(name: str, cfg: Config, args) -> dict:
     setup_s = time.perf_counter() - t_setup
     chunks, epochs = args.chunks or s.chunks, args.epochs
     with_ref = cfg.model != "session_rnn" or cfg.ref is not None
-    no_plain = cfg.model == "attention_hrnn"  # no hand-written step: the reference only
+    no_plain = cfg.model in ("attention_hrnn", "hrnn_history")  # no hand-written step
     _log(
         f"{name}: {len(dm.fit_steps):,} training events, {dm.n_items:,} items (catalogue "
         f"{n_items:,}), {int(test.score.sum()):,} scored of {n_test_scored:,} test events "
@@ -829,6 +833,9 @@ def compute_ratios(res: dict) -> dict:
         r[f"a/{model}_autograd_vs_plain_manual_same_run"] = 1 / (
             1 + _get(res, auto, "lightning_overhead")
         )
+    r["a/hrnn_history_vs_hrnn_init"] = _get(res, "a_hrnn_history", "train_events_per_s") / _get(
+        res, "a_hrnn_init", "train_events_per_s"
+    )
     r["a/attention_hrnn_vs_hrnn_init_autograd"] = _get(
         res, "a_attention_hrnn", "train_events_per_s"
     ) / _get(res, "a_hrnn_init_autograd", "train_events_per_s")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import compare  # noqa: E402
+from compare import compare, find_results, load_run  # noqa: E402
 
 MODELS = [
     "pop",
@@ -37,6 +37,48 @@ METRICS = ["test/recall@5", "test/mrr@5", "test/recall@20", "test/mrr@20", "perf
 README_METRICS = ["test/recall@5", "test/mrr@5", "perf/train_seconds"]
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- model-table:start -->", "<!-- model-table:end -->"
+
+
+def _mean_std(xs: list[float], digits: int) -> str:
+    mean = sum(xs) / len(xs)
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def load_results(sweeps: list[Path]) -> list[dict]:
+    return [load_run(p)["results"] for p in find_results(sweeps)]
+
+
+def pivot(runs: list[tuple[str, dict]], datasets: list[str], rows: list[str]) -> str:
+    """A compact table of labelled runs (label, results.json): one row per label in
+    ``rows``, per dataset the mean ± std over seeds of recall@5 and MRR@5, then the mean
+    fit time over the row's runs."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for label, r in runs:
+        cells.setdefault((label, r["data"]), []).append(r)
+    head = " | ".join(f"{d} recall@5 | {d} mrr@5" for d in datasets)
+    lines = [f"| model | n | {head} | fit s |", "|---|--:|" + "--:|" * (2 * len(datasets) + 1)]
+    for name in rows:
+        got = [cells.get((name, d), []) for d in datasets]
+        if not any(got):
+            continue
+        vals = []
+        for rs in got:
+            for m in ("test/recall@5", "test/mrr@5"):
+                vals.append(_mean_std([r[m] for r in rs], 3) if rs else "-")
+        secs = [r["perf/train_seconds"] for rs in got for r in rs if "perf/train_seconds" in r]
+        fit = f"{sum(secs) / len(secs):.1f}" if secs else "-"
+        n = "/".join(sorted({str(len(rs)) for rs in got if rs}))
+        lines.append(f"| {name} | {n} | {' | '.join(vals)} | {fit} |")
+    return "\n".join(lines)
+
+
+def replace_block(path: Path, start: str, end: str, block: str) -> None:
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    path.write_text(head + block + rest.split(end, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
     table = compare([sweep], args.out, metrics=METRICS, k=5)
-    short = compare([sweep], args.out / "short", metrics=README_METRICS, k=5, plots=False)
     command = (
         f"python experiments/model_table.py --data {' '.join(args.data)} --seeds "
         f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}"
@@ -85,19 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(f"# Model table\n\n{about}\n\n{table}\n")
-    more = "Recall/MRR@20: [docs/model_table.md](docs/model_table.md)."
+    short = pivot([(r["model"], r) for r in load_results([sweep])], args.data, args.models)
+    more = "Recall/MRR@20 and the seeds' runs: [docs/model_table.md](docs/model_table.md)."
     block = f"{START}\n{about} {more}\n\n{short}\n{END}"
     print(f"wrote {args.doc}")
     print(block)
     if args.update_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        if START not in text or END not in text:
-            raise SystemExit(f"README.md has no {START} ... {END} block")
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        readme.write_text(head + block + tail)
-        print(f"updated {readme}")
+        replace_block(ROOT / "README.md", START, END, block)
+        print("updated README.md")
     return 0
 
 
