@@ -1,4 +1,4 @@
-"""Ranks from full-catalogue scores and top-K metrics from ranks (DESIGN §6)."""
+"""Ranks from full-catalogue scores and top-K metrics from ranks (docs/design.md §6)."""
 
 from __future__ import annotations
 

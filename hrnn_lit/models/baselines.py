@@ -1,9 +1,9 @@
-"""Non-neural baselines (DESIGN §2): POP, user popularity, Item-KNN and session-aware V-SkNN.
+"""Non-neural baselines (docs/design.md §2): POP, user popularity, Item-KNN and V-SkNN.
 
 Each baseline is a LightningModule that is *fitted* from the fit split's ``Steps`` with no
 gradient step (``trainable = False``; ``run.py`` calls ``fit_data`` and then only
 ``trainer.validate`` / ``trainer.test``), and *evaluated* on exactly the chunks the recurrent
-models see (DESIGN §6): every slot replays its user's earlier sessions, then the scored
+models see (docs/design.md §6): every slot replays its user's earlier sessions, then the scored
 targets are ranked against the whole catalogue by the same ``RankCollector``.
 
 Per-slot evaluation state follows the events a slot has walked through. At time step t a

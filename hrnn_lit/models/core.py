@@ -9,7 +9,7 @@ Shapes: B slots, H session units, U user units, N candidate items, E embedding u
 - session GRU: h [B, H]; user GRU: c [B, U] (HRNN only);
 - scores: h @ out_w[items].T + out_b[items] (+ c @ out_u[items].T with user_to_output).
 
-HRNN state rules (DESIGN §2): at a user's first step h = 0 and c = 0; at any other session
+HRNN state rules (docs/design.md §2): at a user's first step h = 0 and c = 0; at any other session
 start c <- GRU_usr(h, c), with h the state after the last input of the previous session, and
 h <- dropout(act(W_init c + b_init)). Without a user level, h is zeroed at every session
 start (GRU4Rec) or only at user starts (``reset_at="user"``: the paper's RNN Concat, one

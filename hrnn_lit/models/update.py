@@ -1,6 +1,6 @@
 """One training step of the recurrent core, forward and backward by hand.
 
-A step (DESIGN §2: one update per time step, no back-propagation through time) is the
+A step (docs/design.md §2: one update per time step, no back-propagation through time) is the
 session-GRU step, the scores of the step's targets and sampled negatives, the loss and the
 gradients of every parameter the step touched. They are set as ``.grad``: dense for the GRU
 weights, and for the item tables a coalesced row-sparse gradient with one row per distinct
