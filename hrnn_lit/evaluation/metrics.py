@@ -23,7 +23,7 @@ def target_ranks(scores: Tensor, targets: Tensor, ties: str = "conservative") ->
     scores = scores.detach()
     target_score = scores.gather(1, targets[:, None])
     bad = ~torch.isfinite(target_score.squeeze(1))
-    # s >= t written as 0/1 in the scores' own type and summed: ~5x faster than a bool
+    # s >= t written as 0/1 in the scores' own type and summed: faster than a bool
     # tensor and its sum on CPU (counts stay exact while n_items < 2**24)
     hit = torch.empty_like(scores)
     compare = torch.ge if ties == "conservative" else torch.gt

@@ -33,7 +33,7 @@ from hrnn_lit.evaluation.metrics import TIES, target_ranks
 ACTS = ("linear", "tanh", "relu")
 MIN_ROWS = 32  # fewer rows (or columns): one plain product, as score_all computes it
 TARGET_ROWS = 128  # rows per product that gives the target scores
-BLOCK_BYTES = 4 << 20  # scores per column block (measured: 2-4 MB is fastest at H=100)
+BLOCK_BYTES = 4 << 20  # scores per column block (cache-sized; docs/benchmarks.md)
 
 
 def linear_scores(

@@ -1,7 +1,7 @@
 """The training update with static shapes, captured once as a CUDA graph and replayed.
 
 On a GPU, an update of B=128 slots does microseconds of arithmetic in ~100 kernel launches,
-so the host's launching sets its pace (~2.4 ms a step on an H100). ``GraphStep`` records one
+so the host's launching sets its pace. ``GraphStep`` records one
 whole update (session starts, forward, backward, Adagrad on the touched rows) as a CUDA graph
 and replays it at every time step: per step, two input copies and one graph launch.
 

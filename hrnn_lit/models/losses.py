@@ -8,8 +8,8 @@ Training needs the loss and its gradient with respect to the scores (``loss_and_
 cross-entropy and TOP1 have hand-written gradients (a few passes over [B, B+S], no autograd
 graph, the per-row weights returned apart); the other losses get theirs from autograd on the
 score matrix alone. Cross-entropy also has a form on the distinct candidates only
-(``distinct_loss_and_grad``): a step's samples repeat popular items (~8% of (a)'s 2,176
-columns), and the step's products and gathers shrink by as much.
+(``distinct_loss_and_grad``): a step's popularity samples repeat items, and the step's
+products and gathers shrink by as much.
 """
 
 from __future__ import annotations

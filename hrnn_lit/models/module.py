@@ -276,7 +276,7 @@ class RecurrentRecommender(pl.LightningModule):
 
     def _optimizer_step(self):
         """The per-update ``opt.step()``. On one device at float32 or bf16-mixed, Lightning's
-        strategy -> precision -> callback dispatch around it is skipped (about 0.2 ms, 15%
+        strategy -> precision -> callback dispatch around it is skipped (a sizeable share
         of a B=50 step; per-step ``on_before_optimizer_step`` hooks are not called): the raw
         optimizer steps between the LightningOptimizer's own progress hooks, so
         ``global_step`` still counts every update; without torch.optim's wrapper too where
@@ -290,7 +290,7 @@ class RecurrentRecommender(pl.LightningModule):
         before, after = hooks
         raw = opt.optimizer
         lean = isinstance(raw, SparseRowOptimizer) and not raw.has_step_hooks()
-        update = raw.update if lean else raw.step  # (torch.optim's wrapper: ~0.1 ms)
+        update = raw.update if lean else raw.step  # (without torch.optim's wrapper)
 
         def step(grads=None) -> None:
             before()

@@ -1,36 +1,27 @@
 """Optional native CPU kernels: the optimiser's row-sparse Adagrad step, the softmax
 cross-entropy of a training step's score rows, the GRU cell's gates forward and back, and
-the distinct items of each step of a chunk.
+the distinct items of each step of a chunk. Why each exists, with its measured effect:
+docs/benchmarks.md.
 
-torch has no in-place "update these rows" kernel: the torch path gathers the touched rows of
-a table and of its accumulator, runs the fused Adagrad kernel on the copies and writes both
-back with ``index_copy_`` (an element-wise kernel, ~2.5x slower than the gather). For (a)'s
-output table that is four passes over ~2,000 random 400-byte rows and ~1.2 ms of a 5 ms step
-at 1 thread. ``adagrad_rows`` updates the rows where they lie, in one pass, prefetching
-the rows 4 ahead (in a training step, x0.73 time for that table's update at 2 threads).
+- ``adagrad_rows`` updates the touched rows of a table and its accumulator where they lie,
+  in one pass (torch has no in-place row update: its path gathers the rows, runs the fused
+  kernel on the copies and writes both back). Same arithmetic as torch's fused CPU
+  Adagrad, so the same bits at any thread count (tests/test_native.py).
+- ``softmax_xent_rows`` makes two passes per score row while it sits in cache (maximum;
+  exp and sum) and leaves the normalisation to the caller's row weights; its exp is
+  Cephes' single-precision polynomial, so results match torch's to rounding.
+- ``gru_forward`` / ``gru_backward``: the GRU cell in one pass over the rows each way
+  (sigmoid and tanh from the same exp, within 2 float32 epsilons); rows are independent
+  (evaluation steps subsets of them, evaluation/replay.py). ``core._NativeGRUCell`` wraps
+  them as an autograd Function, so they never sit on an autograd path without a backward.
+- ``distinct_rows`` marks each row's values in a bitset and reads them back in order,
+  instead of sorting.
 
-The cross-entropy's torch path makes six passes over the [B, N] scores (mask, two row
-maxima, a three-pass softmax, the target's one-hot); ``softmax_xent_rows`` makes two per
-row while the row sits in L1 (maximum; exp and sum) and leaves the normalisation to the
-caller's row weights. Its exp is Cephes' single-precision polynomial (within 2 ulp of
-torch's), so its results match torch's to rounding, not bit for bit.
-
-A GRU cell is five torch ops forward and nine back on [B, H] tensors, each ~5-15 us at
-B=128, H=100, more at 2 threads than at 1; ``gru_forward`` and ``gru_backward`` do each in
-one pass over the rows (sigmoid and tanh from the same exp, within 2 float32 epsilons).
-Rows are independent (evaluation steps subsets of them, evaluation/replay.py).
-
-A chunk's distinct candidates per step were a ``torch.unique`` (a sort) of 64 x 2,176 keys,
-~1.8 ms; ``distinct_rows`` marks each row's values in a bitset and reads them back in
-order, ~0.4 ms.
-
-The kernels are a page of plain C (no torch headers), compiled on first use with the
-system C compiler (``$CC``, else ``cc``; ~0.8 s) into a per-user cache and loaded with
-ctypes. Large calls split their rows over torch's OpenMP threads (``_openmp_flags``).
-The Adagrad arithmetic is that of torch's fused CPU Adagrad (fused multiply-adds where
-torch's build has them), so both paths give the same bits at any thread count
-(tests/test_native.py). Where no compiler is found, the build fails or
-``HRNN_LIT_NATIVE=0`` is set, ``load()`` returns None and the callers keep the torch path.
+The kernels are plain C (no torch headers), compiled on first use with the system C
+compiler (``$CC``, else ``cc``) into a per-user cache and loaded with ctypes. Large calls
+split their rows over torch's OpenMP threads (``_openmp_flags``). Where no compiler is
+found, the build fails or ``HRNN_LIT_NATIVE=0`` is set, ``load()`` returns None and the
+callers keep the torch path.
 """
 
 from __future__ import annotations
@@ -498,8 +489,8 @@ def distinct_rows(
     the rows' offsets into the values, and with ``counts`` each value's number of entries in
     its row, an entry j < B counting valid[t, j] (valid [T, B] bool) where given). From a
     bitset per row, not a sort: each row scans n / 64 words, so beyond n = 512 W a sort is
-    faster (at W = 2,176: x0.6 its time at n = 1M, x1.5 at 5M, x33 at 20M). None there,
-    where the library is unavailable, x is not CPU int64 or there is no scratch memory."""
+    faster. None there, where the library is unavailable, x is not CPU int64 or there is
+    no scratch memory."""
     if not (x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 2):
         return None
     if n > 512 * max(x.shape[1], 1):

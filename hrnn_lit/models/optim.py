@@ -96,10 +96,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def update(self, grads: list[tuple[Tensor, Tensor | None, Tensor]] | None = None) -> None:
         """``step()`` without torch.optim's wrapper: no profiler range and no step hooks
-        (check ``has_step_hooks()``), ~0.1 ms less per update in a CPU training step.
-        ``grads``: the gradients as (parameter, rows or None, gradient) triples instead of
-        ``.grad`` (``update.gradients``: coalesced rows, no sparse tensors built, x0.95 the
-        time of a (a) step at 2 threads); parameters not in it are not updated."""
+        (check ``has_step_hooks()``). ``grads``: the gradients as (parameter, rows or None,
+        gradient) triples instead of ``.grad`` (``update.gradients``: coalesced rows, no
+        sparse tensors built and read back); parameters not in it are not updated."""
         given = None if grads is None else {p: (rows, g) for p, rows, g in grads}
         for group in self.param_groups:
             fused = []  # CPU tensors under plain Adagrad: one fused kernel for all

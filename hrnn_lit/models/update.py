@@ -95,8 +95,8 @@ def step_distinct(candidates: Tensor, items: Tensor, valid: Tensor) -> Distinct:
 def chunk_distinct(candidates: Tensor, items: Tensor, valid: Tensor, n: int) -> list[Distinct]:
     """``step_distinct`` for every time step of a chunk: candidates [T, N], input items and
     valid slots [T, B] (values in [0, n)), one call each: on CPU through
-    ``native.distinct_rows`` (a bitset per row, 2-4x faster than the sort where n is at
-    most 512 entries per row), else through ``chunk_unique``."""
+    ``native.distinct_rows`` (a bitset per row, faster than the sort where n is at most
+    512 entries per row), else through ``chunk_unique``."""
     cpu = candidates.device.type == "cpu"
     out = native.distinct_rows(candidates, n, valid, counts=True) if cpu else None
     if out is not None:
