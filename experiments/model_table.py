@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", nargs="+", default=["synthetic", "synthetic_xing"])
     ap.add_argument("--epochs", type=int, default=10, help="trainer.max_epochs of the RNNs")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "model_table.md")
+    ap.add_argument("--sweep", default="runs", help="this multirun's folder under --out")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "model_table")
     ap.add_argument("--update-readme", action="store_true")
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args(argv)
 
-    sweep = args.out / "runs"
+    # every multirun under --out counts (--sweep: add models to an earlier table's runs)
+    sweep = args.out / args.sweep
     cmd = [
         sys.executable, "-m", "hrnn_lit", "-m", f"data={','.join(args.data)}",
         f"model={','.join(args.models)}", f"seed={','.join(map(str, args.seeds))}",
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(prep, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         print(" ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
-    table = compare([sweep], args.out, metrics=METRICS, k=5)
+    sweeps = sorted(args.out.glob("runs*"))
+    table = compare(sweeps, args.out, metrics=METRICS, k=5)
     command = (
         f"python experiments/model_table.py --data {' '.join(args.data)} --seeds "
         f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}"
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(f"# Model table\n\n{about}\n\n{table}\n")
-    short = pivot([(r["model"], r) for r in load_results([sweep])], args.data, args.models)
+    short = pivot([(r["model"], r) for r in load_results(sweeps)], args.data, MODELS)
     more = "Recall/MRR@20 and the seeds' runs: [docs/model_table.md](docs/model_table.md)."
     block = f"{START}\n{about} {more}\n\n{short}\n{END}"
     print(f"wrote {args.doc}")
