@@ -102,6 +102,21 @@ def default_threads(local_ranks: int = 1) -> int:
     return max(1, usable_cpus() // max(1, local_ranks))
 
 
+def others_running(samples: int = 5, interval_s: float = 0.01) -> int:
+    """Runnable threads of other processes right now: the median over a few samples of the
+    kernel's count (/proc/stat procs_running) less this process's one running thread."""
+    counts = []
+    for i in range(samples):
+        try:
+            text = Path("/proc/stat").read_text()
+        except OSError:
+            return 0
+        counts += [int(line.split()[1]) for line in text.splitlines() if "procs_running" in line]
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return max(0, sorted(counts)[len(counts) // 2] - 1) if counts else 0
+
+
 def _thread_times() -> tuple[int, int]:
     """(ns on a CPU, ns waiting in a run queue) summed over this process's threads."""
     on_cpu = waiting = 0
@@ -121,7 +136,9 @@ class ContentionGuard(pl.Callback):
 
     Why: each training step is a chain of short parallel regions, and a region ends when
     its slowest thread does; on shared cores one descheduled thread stalls every region, so
-    N threads on N busy cores can be far slower than one thread. Every ``window_s`` seconds
+    N threads on N busy cores can be far slower than one thread. When fitting starts, an
+    automatic count (``adapt``) is cut to the CPUs that no other process is running on
+    (a few samples of the kernel's count of runnable threads). Then, every ``window_s`` seconds
     of fitting it reads the run-queue wait of this process's threads (Linux schedstat: a
     few small files). When they waited more than ``threshold`` of the time, an automatic
     thread count (``adapt``) drops to the CPUs the run actually got, and it prints one line
@@ -162,8 +179,20 @@ class ContentionGuard(pl.Callback):
         }
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.enabled:
-            self._start = (time.perf_counter(), *_thread_times())
+        if not self.enabled:
+            return
+        threads = torch.get_num_threads()
+        if self.adapt and threads > 1:  # the cores already busy: start on the free ones
+            usable, others = usable_cpus(), others_running()
+            if usable - others < threads:
+                fewer = max(1, usable - others)
+                torch.set_num_threads(fewer)
+                self._next_probe = time.perf_counter() + self._backoff
+                self._say(
+                    f"{others} runnable thread(s) of other processes on {usable} usable CPUs "
+                    f"at the start; training on {fewer} thread(s) instead of {threads}"
+                )
+        self._start = (time.perf_counter(), *_thread_times())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._start is None:
@@ -203,12 +232,15 @@ class ContentionGuard(pl.Callback):
             message = f"training on {fewer} thread(s) instead of {threads}"
         else:
             message = f"throughput is throttled at {threads} thread(s)"
-        if message and self.verbose and not self.warned:
+        if message:
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            print(
-                f"hrnn_lit: shared CPUs: this run's threads waited for a CPU {waited:.0%} of "
-                f"the time (load {load:.1f} on {usable_cpus()} usable CPUs); {message}",
-                file=sys.stderr,
-                flush=True,
+            self._say(
+                f"this run's threads waited for a CPU {waited:.0%} of the time (load "
+                f"{load:.1f} on {usable_cpus()} usable CPUs); {message}"
             )
-        self.warned = self.warned or message is not None
+
+    def _say(self, what: str) -> None:
+        """One line per run (rank 0)."""
+        if self.verbose and not self.warned:
+            print(f"hrnn_lit: shared CPUs: {what}", file=sys.stderr, flush=True)
+        self.warned = True

@@ -138,6 +138,38 @@ def test_guard_leaves_a_fixed_count_alone_and_warns_once(threads, capsys):
     assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""  # rank 0 speaks
 
 
+def test_guard_starts_on_the_cpus_nobody_else_runs_on(threads, capsys, monkeypatch):
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(runtime, "others_running", lambda: 3)
+    torch.set_num_threads(4)
+    guard = runtime.ContentionGuard(adapt=True)
+    guard.on_train_start(None, None)
+    assert torch.get_num_threads() == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "hrnn_lit: shared CPUs: 3 runnable thread(s) of other processes on 4 usable CPUs at "
+        "the start; training on 1 thread(s) instead of 4\n"
+    )
+    _window(guard, waited_s=0.25, on_cpu_s=0.25, end_s=guard._start[0] + 1)
+    assert capsys.readouterr().err == ""  # one line per run
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(runtime, "others_running", lambda: 1)
+    torch.set_num_threads(2)
+    runtime.ContentionGuard(adapt=True).on_train_start(None, None)  # one CPU free of two
+    assert torch.get_num_threads() == 1
+    monkeypatch.setattr(runtime, "others_running", lambda: 0)
+    torch.set_num_threads(2)
+    runtime.ContentionGuard(adapt=True).on_train_start(None, None)  # idle: as it was
+    runtime.ContentionGuard(adapt=False).on_train_start(None, None)
+    assert torch.get_num_threads() == 2
+
+
+def test_others_running_counts_the_kernels_runnable_threads():
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc")
+    assert runtime.others_running(samples=3, interval_s=0.0) >= 0
+
+
 def test_schedstat_is_read_where_linux_has_it():
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("no /proc")
