@@ -195,3 +195,15 @@ def test_cuda_graph_names_the_features_it_lacks():
     for key in ("model.logq", "model.constrained_embedding", "final_act=elu-1", "dropout_hidden"):
         assert key in why
     assert graph_features(RecurrentCore(10, hidden_size=4, user_propagation="none")) is None
+
+
+def test_tied_embedding_trains_data_parallel(tmp_path):
+    """Two gloo processes: the tied item matrix's step gradient holds output and input rows
+    (up to 2 B + S), all averaged across the ranks."""
+    from hrnn_lit.run import run
+    from tests.conftest import compose_cfg
+
+    over = ["logger=none", "callbacks=none", "model=gru4rec_xe", "model.n_sample=8",
+            "trainer=ddp"]  # fmt: skip
+    results = run(compose_cfg(over, tmp_path))
+    assert results["world_size"] == 2 and 0 < results["test/recall@20"] <= 1

@@ -347,6 +347,12 @@ class RecurrentRecommender(pl.LightningModule):
         self.log("loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False,
                  batch_size=batch.n_events)  # fmt: skip
 
+    def _sparse_rows(self, B: int, n_sample: int) -> int:
+        """At most how many rows of one item table a step touches: its B + S candidates,
+        plus the B input items where the input embedding is the output matrix (tied)."""
+        tied = getattr(self.net, "input_mode", None) == "constrained"
+        return 2 * B + n_sample if tied else B + n_sample
+
     def _logq_bias(self, targets: Tensor, samples: Tensor) -> Tensor | None:
         """The logQ correction of a chunk's candidate columns [T, B + S] (None where
         ``logq`` is 0), subtracted from their training scores: ``logq * log q(item)`` with q
@@ -389,7 +395,7 @@ class RecurrentRecommender(pl.LightningModule):
                 p.grad = None
             self.manual_backward(loss * (valid[t].sum() / B))
             if self._world_size > 1:  # data-parallel: average gradients over ranks
-                distributed.average_gradients(params, max_rows=B + n_sample)
+                distributed.average_gradients(params, max_rows=self._sparse_rows(B, n_sample))
             if clip > 0:
                 clip_grad_norm_(params, clip)
             step()
@@ -445,7 +451,7 @@ class RecurrentRecommender(pl.LightningModule):
                 p.grad = None
             update.backward(self.core, cache)
             if self._world_size > 1:  # data-parallel: average gradients over ranks
-                distributed.average_gradients(params, max_rows=B + n_sample)
+                distributed.average_gradients(params, max_rows=self._sparse_rows(B, n_sample))
             if clip > 0:
                 clip_grad_norm_(params, clip)
             step()
