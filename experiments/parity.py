@@ -197,6 +197,10 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--user-parallel", action="store_true",
+        help="hrnn_lit reads the files' UserId (user-parallel batches) instead of sessions only",
+    )  # fmt: skip
     ap.add_argument("--md", type=Path, help="write the markdown table here")
     ap.add_argument("--json", type=Path, help="write every run's metrics here")
     args = ap.parse_args()
@@ -213,7 +217,7 @@ def main() -> int:
         results[name] = {"official": [], "ours": [], "params": params}
         for seed in args.seeds:
             a = run_official(args.official, args.data, params, seed, args.threads)
-            b = run_ours(args.data, ours_overrides(params), seed, args.threads)
+            b = run_ours(args.data, ours_overrides(params), seed, args.threads, args.user_parallel)
             results[name]["official"].append(a)
             results[name]["ours"].append(b)
             print(f"{name} seed {seed}: official {a}  hrnn_lit {b}", flush=True)
