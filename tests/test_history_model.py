@@ -27,33 +27,69 @@ def _starts(session, user) -> Starts:
     return Starts(s, u, (s & ~u).nonzero().view(-1))
 
 
+def _counts(net: HistoryHRNN, state) -> torch.Tensor:
+    """The listed items' features as dense [B, 3, n_items] counts."""
+    listed, feats, n_listed = state[2:]
+    filled = torch.arange(net.memory) < n_listed[:, None]
+    dense = torch.zeros(listed.shape[0], 3, net.n_items)
+    for b in range(listed.shape[0]):
+        dense[b][:, listed[b][filled[b]]] = feats[b][:, filled[b]]
+    return dense
+
+
 def test_history_counts_decay_by_session_and_reset_per_user():
     net = HistoryHRNN(n_items=10, hidden_size=4, user_hidden_size=3, decay=0.5).eval()
     state = net.initial_state(2, torch.device("cpu"))
     state = net.step(torch.tensor([3, 4]), net.start(state, _starts([True, True], [True, True])))
     state = net.step(torch.tensor([3, 5]), net.start(state, _starts([True, False], [False, False])))
-    hist = state[2]
+    hist = _counts(net, state)
     # slot 0: item 3 in two sessions; the first one decayed once; in session now
-    assert hist[0, :, 3].tolist() == [2.0, 1.5, 1.0]
+    assert hist[0, :, 3].tolist() == [2.0, 1.5, 1.0] and hist[0, 0].sum() == 2
     # slot 1: one session with items 4 and 5
     assert hist[1, :, 4].tolist() == [1.0, 1.0, 1.0] and hist[1, 0].sum() == 2
     state = net.start(state, _starts([True, True], [True, False]))
-    assert (state[2][0] == 0).all(), "a new user starts without history"
-    assert state[2][1, 2].sum() == 0 and state[2][1, 0].sum() == 2, "a new session"
+    hist = _counts(net, state)
+    assert (hist[0] == 0).all(), "a new user starts without history"
+    assert hist[1, 2].sum() == 0 and hist[1, 0].sum() == 2, "a new session"
 
 
 def test_the_memory_keeps_the_last_distinct_items():
     net = HistoryHRNN(n_items=10, hidden_size=4, user_hidden_size=3, memory=2).eval()
     state = net.initial_state(1, torch.device("cpu"))
     state = net.start(state, _starts([True], [True]))
-    for item in (3, 4, 3, 5):  # 3 and 4 listed; 5 evicts 3 (the oldest listed)
+    for item in (3, 4, 3, 5):  # 3 and 4 listed; 5 takes the place of 3 (listed first)
         state = net.step(torch.tensor([item]), state)
-    counts, listed, n_listed = state[2:]
-    assert sorted(listed[0].tolist()) == [4, 5] and n_listed.tolist() == [3]
-    assert counts[0, 0, 3] == 0 and counts[0, 0, 4] == 1 and counts[0, 0, 5] == 1
+    hist = _counts(net, state)
+    assert sorted(state[2][0].tolist()) == [4, 5] and state[4].tolist() == [3]
+    assert hist[0, 0, 3] == 0 and hist[0, 0, 4] == 1 and hist[0, 0, 5] == 1
     with torch.no_grad():
         p = net.score(state).exp()
     torch.testing.assert_close(p.sum(1), torch.ones(1))
+
+
+def test_candidate_scores_equal_the_catalogue_scores_on_their_columns():
+    """Training's candidate columns (repeats allowed) read the same repeat scores as the
+    catalogue: the same log-probabilities up to the explore part's normaliser."""
+    torch.manual_seed(0)
+    net = HistoryHRNN(n_items=20, hidden_size=4, user_hidden_size=3).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    state = net.initial_state(3, torch.device("cpu"))
+    state = net.step(torch.tensor([1, 2, 3]), net.start(state, _starts([True] * 3, [True] * 3)))
+    state = net.step(torch.tensor([4, 2, 7]), state)
+    cand = torch.tensor([4, 9, 1, 4, 2, 7, 19])
+    with torch.no_grad():
+        sub = net.score(state, cand)
+        full = net.score(state)[:, cand]
+        s = net.rnn.score(state[:2], None)
+    # p = a p_rep + (1 - a) p_exp: remove the explore part, compare the repeat part
+    a = torch.sigmoid(net.mode(torch.cat(state[:2], 1)))
+    e_full = (1 - a) * torch.softmax(s, 1)[:, cand]
+    e_sub = (1 - a) * torch.softmax(s[:, cand], 1)
+    torch.testing.assert_close(sub.exp() - e_sub, full.exp() - e_full, atol=1e-6, rtol=1e-5)
+    rep = (full.exp() - e_full)[:, 1]  # item 9 is nobody's history
+    torch.testing.assert_close(rep, torch.zeros_like(rep), atol=1e-7, rtol=0)
 
 
 def test_scores_are_log_probabilities_over_the_catalogue():

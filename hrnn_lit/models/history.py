@@ -18,11 +18,10 @@ adds, RepeatNet-style, a repeat part to each item's score:
 Where history carries no signal P(repeat) can go to zero and the model is the HRNN.
 ``repeat=False`` (an ablation) drops the repeat part.
 
-State: (h [B, H], c [B, U], counts [B, 3, n_items], listed [B, memory] items, n_listed [B]).
-The counts (dense, for O(1) look-ups) and the list of the user's distinct items (what
-p_repeat normalises over) are updated in place (they take no gradient): a step touches
-O(B) counts, a score reads [B, 3, N] of them and [B, 3, memory] for the normaliser. A user
-with more than ``memory`` distinct items forgets the oldest (its counts are zeroed).
+State: (h [B, H], c [B, U], listed [B, memory] items, their features [B, 3, memory],
+n_listed [B]): the user's distinct past items and their counts, updated in place (they
+take no gradient), independent of the catalogue's size. A user with more than ``memory``
+distinct items forgets the oldest listed one.
 """
 
 from __future__ import annotations
@@ -72,63 +71,80 @@ class HistoryHRNN(nn.Module):
 
     def initial_state(self, batch_size: int, device: torch.device) -> State:
         h, c = self.rnn.initial_state(batch_size, device)
-        counts = torch.zeros(batch_size, N_FEATURES, self.n_items, device=device)
         listed = torch.zeros(batch_size, self.memory, dtype=torch.long, device=device)
+        feats = torch.zeros(batch_size, N_FEATURES, self.memory, device=device)
         n_listed = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return h, c, counts, listed, n_listed
+        return h, c, listed, feats, n_listed
 
     def start(self, state: State, starts: Starts) -> State:
-        h, c, counts, listed, n_listed = state
+        h, c, listed, feats, n_listed = state
         if starts.next_session_rows.numel():  # a known user's next session
             rows = starts.next_session_rows
-            counts[rows, 1] *= self.decay  # earlier sessions weigh less
-            counts[rows, 2] = 0.0  # a new current session
+            feats[rows, 1] *= self.decay  # earlier sessions weigh less
+            feats[rows, 2] = 0.0  # a new current session
         new = starts.user.nonzero().view(-1)
         if new.numel():  # a new user: no history
-            counts[new] = 0.0
+            feats[new] = 0.0
             n_listed[new] = 0
         h, c = self.rnn.start((h, c), starts)
-        return h, c, counts, listed, n_listed
+        return h, c, listed, feats, n_listed
 
     def step(self, items: Tensor, state: State) -> State:
-        h, c, counts, listed, n_listed = state
+        h, c, listed, feats, n_listed = state
         slots = torch.arange(items.numel(), device=items.device)
-        first = counts[slots, 0, items] == 0  # a new item for this user: list it
-        at = n_listed % self.memory
-        old = listed[slots, at]
-        forget = first & (n_listed >= self.memory)  # the list is full: drop the oldest
-        counts[slots[forget], :, old[forget]] = 0.0
-        listed[slots, at] = torch.where(first, items, old)
-        n_listed += first.long()
-        counts[slots, 0, items] += 1.0
-        counts[slots, 1, items] += 1.0
-        counts[slots, 2, items] = 1.0
+        match = (listed == items[:, None]) & self._filled(n_listed)  # [B, memory]
+        known = match.any(1)
+        at = torch.where(known, match.to(torch.int8).argmax(1), n_listed % self.memory)
+        feats[slots[~known], :, at[~known]] = 0.0  # a new item (or the oldest one's place)
+        listed[slots, at] = items
+        n_listed += (~known).long()
+        feats[slots, 0, at] += 1.0
+        feats[slots, 1, at] += 1.0
+        feats[slots, 2, at] = 1.0
         h, c = self.rnn.step(items, (h, c))
-        return h, c, counts, listed, n_listed
+        return h, c, listed, feats, n_listed
+
+    def _filled(self, n_listed: Tensor) -> Tensor:
+        return torch.arange(self.memory, device=n_listed.device) < n_listed[:, None]
 
     def score(self, state: State, items: Tensor | None = None) -> Tensor:
-        """log p(n) of the mixture for candidates [N] (training) or the catalogue."""
-        h, c, counts, listed, n_listed = state
+        """log p(n) of the mixture for candidates [N] (training) or the catalogue. Only the
+        listed items' columns mix both parts; every other column is log(1 - P(repeat)) +
+        log p_explore, so the mixing costs O(B * memory), not O(B * N)."""
+        h, c, listed, feats, n_listed = state
         s = self.rnn.score((h, c), items)  # [B, N]
         log_explore = s - torch.logsumexp(s, dim=1, keepdim=True)
         if not self.repeat:  # ablation: the explore part alone
             return log_explore
         hc = torch.cat([h, c], dim=1)
         g = self.gate(hc)[:, None, :]  # [B, 1, 3]
-        on_list = counts.gather(2, listed[:, None, :].expand(-1, N_FEATURES, -1))
-        r_list = torch.bmm(g, _features(on_list)).squeeze(1)  # [B, memory]
-        filled = torch.arange(self.memory, device=h.device) < n_listed[:, None]
+        r_list = torch.bmm(g, _features(feats)).squeeze(1)  # [B, memory]
+        filled = self._filled(n_listed)
         # (finite mask: a slot without history keeps finite, zero gradients here)
-        log_norm = torch.logsumexp(r_list.masked_fill(~filled, -1e30), 1, keepdim=True)
-        f = counts if items is None else counts.index_select(2, items)  # [B, 3, N]
-        r = torch.bmm(g, _features(f)).squeeze(1).masked_fill(f[:, 0] == 0, -torch.inf)
+        log_p_list = torch.log_softmax(r_list.masked_fill(~filled, -1e30), dim=1)
         a = self.mode(hc)  # [B, 1]: repeat or explore
         seen = n_listed[:, None] > 0  # no history yet: explore only
-        log_rep = torch.where(seen, F.logsigmoid(a) + r - log_norm, -torch.inf)
-        return torch.logaddexp(log_rep, torch.where(seen, F.logsigmoid(-a), 0.0) + log_explore)
+        log_explore_w = torch.where(seen, F.logsigmoid(-a), 0.0)  # [B, 1]
+        # the columns: distinct items (a candidate may repeat), each listed item's column
+        if items is None:
+            col, first, inverse, width = listed, None, None, self.n_items
+        else:
+            distinct, inverse = torch.unique(items, return_inverse=True)
+            width = distinct.numel()
+            first = inverse.new_empty(width).scatter_(0, inverse, torch.arange(inverse.numel()))
+            where = torch.full((self.n_items,), width, dtype=torch.long, device=items.device)
+            where[distinct] = torch.arange(width, device=items.device)
+            col = where[listed]  # [B, memory]: the listed item's column, or width if none
+        col = torch.where(filled, col, width)  # unfilled entries go to a spare column
+        explore = log_explore if first is None else log_explore.index_select(1, first)
+        out = explore + log_explore_w  # [B, width]: log (1 - P(repeat)) p_explore
+        on_list = out.gather(1, col.clamp(max=width - 1))  # [B, memory]
+        mixed = torch.logaddexp(F.logsigmoid(a) + log_p_list, on_list)  # [B, memory]
+        out = torch.cat([out, out[:, :1]], dim=1).scatter(1, col, mixed)[:, :width]
+        return out if inverse is None else out.index_select(1, inverse)
 
 
 def _features(counts: Tensor) -> Tensor:
-    """[B, 3, n] history counts -> the repeat part's features (log count, recency, in
-    session)."""
+    """[B, 3, memory] history counts -> the repeat part's features (log count, recency,
+    in session)."""
     return torch.cat([counts[:, :1].log1p(), counts[:, 1:]], dim=1)
