@@ -66,11 +66,26 @@ def test_model_table_names_every_model():
     assert conf_groups()["model"] <= names
 
 
-def test_readme_stays_short_and_keeps_its_generated_block():
-    assert len(README) <= 10_000
-    assert (
-        README.count("<!-- model-table:start -->") == README.count("<!-- model-table:end -->") == 1
-    )
+GENERATED = ("model-table", "ablation")  # blocks rewritten by experiments/*.py
+
+
+def prose(text: str) -> str:
+    """The README without the contents of its generated blocks (the markers stay)."""
+    for name in GENERATED:
+        pattern = rf"(<!-- {name}:start -->).*?(<!-- {name}:end -->)"
+        text = re.sub(pattern, r"\1\2", text, flags=re.S)
+    return text
+
+
+def test_readme_stays_short_and_keeps_its_generated_blocks():
+    """About 10k characters for a user: the hand-written text at most 8,500, and the whole,
+    with the generated result tables, at most 12,000 (the tables' full versions go to
+    docs/model_table.md and docs/ablation.md)."""
+    assert len(prose(README)) <= 8_500
+    assert len(README) <= 12_000
+    for name in GENERATED:
+        assert README.count(f"<!-- {name}:start -->") == README.count(f"<!-- {name}:end -->")
+    assert README.count("<!-- model-table:start -->") == 1
     assert "## Add your own model" in README and "## Multi-device training" in README
 
 
