@@ -61,19 +61,25 @@ def main(argv: list[str] | None = None) -> int:
     table = pivot(runs, args.data, names)
     ctrl = [(r["model"], r) for r in load_results([args.out / "control"])]
     control = pivot(ctrl, ["synthetic_independent"], CONTROL)
-    command = (
-        f"python experiments/ablation.py --data {' '.join(args.data)} --seeds "
-        f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}"
-        + (" -- " + " ".join(args.overrides) if args.overrides else "")
-    )
+    defaults = ap.parse_args([])
+    shown = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in (("data", args.data), ("seeds", args.seeds), ("epochs", args.epochs))
+             if v != getattr(defaults, k)]  # fmt: skip
+    command = " ".join(["python experiments/ablation.py", *shown])
+    if args.overrides:
+        command += " -- " + " ".join(args.overrides)
     about = (
         f"One mechanism changed per row ({args.epochs} epochs, seeds "
-        f"{', '.join(map(str, args.seeds))}), then the control `data=synthetic_independent` "
-        f"(every session an independent draw). `{command}`"
+        f"{', '.join(map(str, args.seeds))}, then the control `data=synthetic_independent` "
+        f"(every session an independent draw)"
     )
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(f"# hrnn_history ablation\n\n{about}\n\n{table}\n\n{control}\n")
-    block = f"{START}\n{about}\n\n{table}\n\n{control}\n{END}"
+    args.doc.write_text(
+        f"# hrnn_history ablation\n\n{about}). `{command}`\n\n{table}\n\n{control}\n"
+    )
+    head = about.split(", then")[0].replace("One", "one", 1)
+    short = f"`{command}`: {head}; control: [docs/ablation.md](docs/ablation.md))."
+    block = f"{START}\n{short}\n\n{table}\n{END}"
     print(block)
     if args.update_readme:
         replace_block(ROOT / "README.md", START, END, block)

@@ -113,23 +113,24 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(cmd, cwd=ROOT, check=True)
     sweeps = sorted(args.out.glob("runs*"))
     table = compare(sweeps, args.out, metrics=METRICS, k=5)
-    command = (
-        f"python experiments/model_table.py --data {' '.join(args.data)} --seeds "
-        f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}"
-    )
+    defaults = ap.parse_args([])
+    shown = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in (("data", args.data), ("seeds", args.seeds), ("epochs", args.epochs))
+             if v != getattr(defaults, k)]  # fmt: skip
+    command = " ".join(["python experiments/model_table.py", *shown])
     if args.overrides:
         command += " -- " + " ".join(args.overrides)
     where = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
     data = ", ".join(f"`data={d}`" for d in args.data)
     about = (
-        f"Mean ± std over seeds {', '.join(map(str, args.seeds))} of each model config's "
-        f"defaults (RNNs {args.epochs} epochs) on {data}; fit s: training wall time on a "
-        f"shared 2-core machine. `{command}` (runs and plots: `{where}/`)."
+        f"`{command}`: each model's defaults, RNNs {args.epochs} epochs, on {data}, mean ± "
+        f"std over seeds {', '.join(map(str, args.seeds))}; fit s: training seconds, shared "
+        f"2-core machine (runs: `{where}/`)."
     )
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(f"# Model table\n\n{about}\n\n{table}\n")
     short = pivot([(r["model"], r) for r in load_results(sweeps)], args.data, MODELS)
-    more = "Recall/MRR@20: [docs/model_table.md](docs/model_table.md)."
+    more = "@20: [docs/model_table.md](docs/model_table.md)."
     block = f"{START}\n{about} {more}\n\n{short}\n{END}"
     print(f"wrote {args.doc}")
     print(block)
