@@ -222,3 +222,21 @@ def test_slurm_launcher_spans_nodes_with_one_task_per_device():
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert list(launcher.setup) == []  # the port comes from the job id, the same on every node
+
+
+def test_readme_multi_node_commands_are_the_tested_ones():
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Multi-device training", 1)[1].split("\n## ", 1)[0]
+    commands = ("torchrun ", "python ")
+    lines = [
+        shlex.split(line.split("  #")[0])
+        for line in section.splitlines()
+        if line.startswith(commands)
+    ]
+    torchrun = [line for line in lines if line[:1] == ["torchrun"]]
+    flags = torchrun_command(0, 29500, [])
+    assert [line[1:] for line in torchrun] == [flags[flags.index("--nnodes=2") :]]
+    slurm = [line for line in lines if "hydra/launcher=slurm" in line]
+    assert [line[line.index("-m", 3) + 1 :] for line in slurm] == [SLURM_SWEEP]
