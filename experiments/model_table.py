@@ -52,7 +52,7 @@ def pivot(runs: list[tuple[str, dict]], datasets: list[str], rows: list[str]) ->
     for label, r in runs:
         cells.setdefault((label, r["data"]), []).append(r)
     head = " | ".join(f"{d} recall@5 | {d} mrr@5" for d in datasets)
-    lines = [f"| model | n | {head} | fit s |", "|---|--:|" + "--:|" * (2 * len(datasets) + 1)]
+    lines = [f"| model | {head} | fit s |", "|---|" + "--:|" * (2 * len(datasets) + 1)]
     for name in rows:
         got = [cells.get((name, d), []) for d in datasets]
         if not any(got):
@@ -63,8 +63,7 @@ def pivot(runs: list[tuple[str, dict]], datasets: list[str], rows: list[str]) ->
                 vals.append(_mean_std([r[m] for r in rs], 3) if rs else "-")
         secs = [r["perf/train_seconds"] for rs in got for r in rs if "perf/train_seconds" in r]
         fit = f"{sum(secs) / len(secs):.1f}" if secs else "-"
-        n = "/".join(sorted({str(len(rs)) for rs in got if rs}))
-        lines.append(f"| {name} | {n} | {' | '.join(vals)} | {fit} |")
+        lines.append(f"| {name} | {' | '.join(vals)} | {fit} |")
     return "\n".join(lines)
 
 
