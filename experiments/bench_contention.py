@@ -8,9 +8,9 @@ together with another is its speed over the lone run's speed in the same bench (
 each >= 0.75). ``--repeats N`` alternates N lone and N paired rounds and compares medians.
 ``--baseline`` runs the old default for comparison: every usable CPU as a torch thread,
 GNU OpenMP's default spinning (``GOMP_SPINCOUNT=300000``, what it does when
-``OMP_WAIT_POLICY`` is unset; hrnn_lit now sets PASSIVE), and no adaptation (a fixed
-num_threads is never lowered). The load average before and after goes into the JSON: on a
-busy machine "alone" is not alone.
+``OMP_WAIT_POLICY`` is unset; hrnn_lit now sets ``GOMP_SPINCOUNT=10000``), and no
+adaptation (a fixed num_threads is never lowered). The load average before and after
+goes into the JSON: on a busy machine "alone" is not alone.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def main() -> None:
     summary = {
         "command": " ".join(["python", "experiments/bench_contention.py", *sys.argv[1:]]),
         "overrides": overrides,
-        "omp_wait_policy": env.get("OMP_WAIT_POLICY", "PASSIVE (hrnn_lit's default)"),
-        "gomp_spincount": env.get("GOMP_SPINCOUNT"),
+        "omp_wait_policy": env.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": env.get("GOMP_SPINCOUNT", "10000 (hrnn_lit's default)"),
         "usable_cpus": usable_cpus(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),

@@ -3,11 +3,14 @@
 import os as _os
 import warnings as _warnings
 
-# Idle OpenMP threads sleep instead of spinning (GNU OpenMP spins by default): on cores
-# shared with other jobs a spinning thread takes CPU time that the jobs' working threads
-# need. OpenMP reads this once, when torch loads it: so here, before anything imports
-# torch. An explicit OMP_WAIT_POLICY=ACTIVE in the environment wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP threads spin only briefly before they sleep (GNU OpenMP spins for 300,000
+# iterations by default): on cores shared with other jobs a long-spinning thread takes CPU
+# time that the jobs' working threads need, while sleeping at once (OMP_WAIT_POLICY=PASSIVE)
+# makes every parallel op of a lone run wait for threads to wake (docs/benchmarks.md).
+# OpenMP reads this once, when torch loads it: so here, before anything imports torch.
+# GOMP_SPINCOUNT or OMP_WAIT_POLICY set in the environment win.
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 __version__ = "0.1.0"
 

@@ -70,14 +70,22 @@ def test_default_threads(monkeypatch):
     assert runtime.default_threads(local_ranks=2) == 5
 
 
-def test_importing_hrnn_lit_sets_the_wait_policy_before_torch_loads():
-    code = "import sys, os, hrnn_lit; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_importing_hrnn_lit_bounds_the_openmp_spin_before_torch_loads():
+    code = (
+        "import sys, os, hrnn_lit; "
+        "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'), "
+        "os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.stdout.split() == ["False", "PASSIVE"], out.stderr
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert out.stdout.split() == ["False", "10000", "None"], out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's policy wins: no spin count is set
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.stdout.split() == ["False", "ACTIVE"], out.stderr
+    assert out.stdout.split() == ["False", "None", "ACTIVE"], out.stderr
+    env = {**env, "GOMP_SPINCOUNT": "7"}
+    del env["OMP_WAIT_POLICY"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["False", "7", "None"], out.stderr
 
 
 def _window(guard, waited_s, on_cpu_s, end_s, wall_s=0.25):
