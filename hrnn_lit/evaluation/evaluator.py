@@ -10,7 +10,7 @@ from torch import Tensor
 
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.metrics import metrics_from_ranks, target_ranks
-from hrnn_lit.evaluation.ranking import cap_ranks, forget_checked
+from hrnn_lit.evaluation.ranking import cap_ranks
 
 FIELDS = ("rank", "position", "history")
 
@@ -27,7 +27,6 @@ class RankCollector:
         self.ties = ties
         self.rank_cap = rank_cap
         self._parts: list[dict[str, Tensor]] = []
-        forget_checked()  # a new pass: the catalogue's weights are checked again
 
     def add(self, scores: Tensor, targets: Tensor, position: Tensor, history: Tensor) -> None:
         """Scores [N, n_items] for N scored events with their targets [N]; a non-finite

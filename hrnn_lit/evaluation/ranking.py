@@ -109,7 +109,6 @@ def catalogue_ranks(
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     if act not in ACTS:
         raise ValueError(f"act must be one of {ACTS}, got {act!r}")
-    check_finite_catalogue(weight, bias, user_weight)
     n_rows, n_items = h.shape[0], weight.shape[0]
     if user_weight is None:
         user = None
@@ -132,23 +131,12 @@ def catalogue_ranks(
     return torch.cat(parts) if parts else targets.new_zeros(0)
 
 
-_checked: dict[str, tuple] = {}  # name -> (data_ptr, shape, version) of tables found finite
-
-
-def forget_checked() -> None:
-    """Check every table again (called when an evaluation pass begins)."""
-    _checked.clear()
-
-
 def check_finite_catalogue(weight: Tensor, bias: Tensor, user_weight: Tensor | None) -> None:
     """Stop (one line) when an item's output weights or bias are not finite: its score would
-    be NaN and silently never rank above a target. Each table is checked once per change
-    (its in-place version counter), not once per batch."""
+    be NaN and silently never rank above a target (``catalogue_ranks`` itself ranks such
+    scores as documented; the caller checks once per evaluation pass)."""
     for name, t in (("weight", weight), ("bias", bias), ("user weight", user_weight)):
         if t is None:
-            continue
-        tag = (t.data_ptr(), tuple(t.shape), t._version)
-        if _checked.get(name) == tag:
             continue
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
@@ -159,7 +147,6 @@ def check_finite_catalogue(weight: Tensor, bias: Tensor, user_weight: Tensor | N
                 f"index {shown}): every score of such an item is NaN/inf; refusing to report "
                 "metrics"
             )
-        _checked[name] = tag
 
 
 def cap_ranks(ranks: Tensor, rank_cap: int | None, n_items: int) -> Tensor:

@@ -36,7 +36,7 @@ from hrnn_lit import distributed
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError, NumericalError
 from hrnn_lit.evaluation.evaluator import Evaluation
-from hrnn_lit.evaluation.ranking import catalogue_ranks
+from hrnn_lit.evaluation.ranking import catalogue_ranks, check_finite_catalogue
 from hrnn_lit.evaluation.replay import replay_scored
 from hrnn_lit.models import api, update
 from hrnn_lit.models.core import ACTIVATIONS, RecurrentCore
@@ -537,6 +537,10 @@ class RecurrentRecommender(pl.LightningModule):
     def _eval_begin(self) -> None:
         self.evaluation.begin()
         self._eval_state = None
+        if self.fast_eval:  # the reference path checks every score it ranks instead
+            core = self.core
+            user_w = core.out_u.weight if core.user_to_output else None
+            check_finite_catalogue(core.out_w.weight, core.out_b.weight, user_w)
 
     def _eval_step(self, batch: Chunk) -> None:
         # ranks come from float32 scores under any trainer precision (bf16 scores would tie)
