@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_table import ROOT, load_results, pivot, prepare, replace_block  # noqa: E402
+from model_table import (  # noqa: E402
+    ROOT,
+    command_line,
+    load_results,
+    pivot,
+    prepare,
+    replace_block,
+)
 
 VARIANTS = {  # name: overrides of model=hrnn_history
     "hrnn_history": [],
@@ -61,13 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     table = pivot(runs, args.data, names)
     ctrl = [(r["model"], r) for r in load_results([args.out / "control"])]
     control = pivot(ctrl, ["synthetic_independent"], CONTROL)
-    defaults = ap.parse_args([])
-    shown = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-             for k, v in (("data", args.data), ("seeds", args.seeds), ("epochs", args.epochs))
-             if v != getattr(defaults, k)]  # fmt: skip
-    command = " ".join(["python experiments/ablation.py", *shown])
-    if args.overrides:
-        command += " -- " + " ".join(args.overrides)
+    command = command_line("experiments/ablation.py", ap, args)
     about = (
         f"One mechanism changed per row ({args.epochs} epochs, seeds "
         f"{', '.join(map(str, args.seeds))}, then the control `data=synthetic_independent` "

@@ -76,6 +76,17 @@ def prepare(datasets: list[str], out: Path, overrides: list[str]) -> None:
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
+def command_line(script: str, ap: argparse.ArgumentParser, args) -> str:
+    """The command that reproduces a table: its non-default --data/--seeds/--epochs and
+    its Hydra overrides."""
+    defaults = ap.parse_args([])
+    shown = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in (("data", args.data), ("seeds", args.seeds), ("epochs", args.epochs))
+             if v != getattr(defaults, k)]  # fmt: skip
+    tail = ["--", *args.overrides] if args.overrides else []
+    return " ".join(["python", script, *shown, *tail])
+
+
 def replace_block(path: Path, start: str, end: str, block: str) -> None:
     text = path.read_text()
     if start not in text or end not in text:
@@ -112,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(cmd, cwd=ROOT, check=True)
     sweeps = sorted(args.out.glob("runs*"))
     table = compare(sweeps, args.out, metrics=METRICS, k=5)
-    defaults = ap.parse_args([])
-    shown = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-             for k, v in (("data", args.data), ("seeds", args.seeds), ("epochs", args.epochs))
-             if v != getattr(defaults, k)]  # fmt: skip
-    command = " ".join(["python experiments/model_table.py", *shown])
-    if args.overrides:
-        command += " -- " + " ".join(args.overrides)
+    command = command_line("experiments/model_table.py", ap, args)
     where = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
     data = ", ".join(f"`data={d}`" for d in args.data)
     about = (
