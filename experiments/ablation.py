@@ -24,14 +24,14 @@ from model_table import (  # noqa: E402
     load_results,
     pivot,
     prepare,
-    replace_block,
+    publish,
 )
 
 VARIANTS = {  # name: overrides of model=hrnn_history
     "hrnn_history": [],
     "- repeat part (explore only)": ["model.net.repeat=false"],
-    "- user GRU (session RNN + history)": ["model.net.user_propagation=none"],
-    "- recency decay (decay=1)": ["model.net.decay=1.0"],
+    "- user GRU": ["model.net.user_propagation=none"],
+    "decay=1 (no recency)": ["model.net.decay=1.0"],
     "lr 0.1 (HRNN's)": ["model.lr=0.1"],
 }
 CONTROL = ["session_rnn", "hrnn_init", "hrnn_history", "user_pop"]
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     control = pivot(ctrl, ["synthetic_independent"], CONTROL)
     command = command_line("experiments/ablation.py", ap, args)
     about = (
-        f"One mechanism changed per row ({args.epochs} epochs, seeds "
+        f"One change per row ({args.epochs} epochs, seeds "
         f"{', '.join(map(str, args.seeds))}, then the control `data=synthetic_independent` "
         f"(every session an independent draw)"
     )
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     head = about.split(", then")[0].replace("One", "one", 1)
     short = f"`{command}`: {head}; control: [docs/ablation.md](docs/ablation.md))."
-    block = f"{START}\n{short}\n\n{table}\n{END}"
-    print(block)
-    if args.update_readme:
-        replace_block(ROOT / "README.md", START, END, block)
-        print("updated README.md")
+    publish(f"{short}\n\n{table}", START, END, args.update_readme)
     return 0
 
 

@@ -37,7 +37,7 @@ START, END = "<!-- model-table:start -->", "<!-- model-table:end -->"
 def _mean_std(xs: list[float], digits: int) -> str:
     mean = sum(xs) / len(xs)
     std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}±{std:.{digits}f}"
 
 
 def load_results(sweeps: list[Path]) -> list[dict]:
@@ -51,7 +51,7 @@ def pivot(runs: list[tuple[str, dict]], datasets: list[str], rows: list[str]) ->
     cells: dict[tuple[str, str], list[dict]] = {}
     for label, r in runs:
         cells.setdefault((label, r["data"]), []).append(r)
-    head = " | ".join(f"{d} recall@5 | {d} mrr@5" for d in datasets)
+    head = " | ".join(f"{d} R@5 | {d} MRR@5" for d in datasets)
     lines = [f"| model | {head} | fit s |", "|---|" + "--:|" * (2 * len(datasets) + 1)]
     for name in rows:
         got = [cells.get((name, d), []) for d in datasets]
@@ -87,12 +87,20 @@ def command_line(script: str, ap: argparse.ArgumentParser, args) -> str:
     return " ".join(["python", script, *shown, *tail])
 
 
-def replace_block(path: Path, start: str, end: str, block: str) -> None:
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} has no {start} ... {end} block")
-    head, rest = text.split(start, 1)
-    path.write_text(head + block + rest.split(end, 1)[1])
+def publish(text: str, start: str, end: str, update_readme: bool) -> None:
+    """Print the README block between the markers start and end; with update_readme,
+    replace the README's block by it."""
+    block = f"{start}\n{text}\n{end}"
+    print(block)
+    if not update_readme:
+        return
+    readme = ROOT / "README.md"
+    old = readme.read_text()
+    if start not in old or end not in old:
+        raise SystemExit(f"{readme} has no {start} ... {end} block")
+    head, rest = old.split(start, 1)
+    readme.write_text(head + block + rest.split(end, 1)[1])
+    print(f"updated {readme}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,19 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     data = ", ".join(f"`data={d}`" for d in args.data)
     about = (
         f"`{command}`: each model's defaults, RNNs {args.epochs} epochs, on {data}, mean ± "
-        f"std over seeds {', '.join(map(str, args.seeds))}; fit s: training seconds, shared "
-        f"2-core machine (runs: `{where}/`)."
+        f"std over seeds {', '.join(map(str, args.seeds))}; fit s: training seconds on 2 "
+        f"shared cores."
     )
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(f"# Model table\n\n{about}\n\n{table}\n")
+    args.doc.write_text(f"# Model table\n\n{about} Runs: `{where}/`.\n\n{table}\n")
     short = pivot([(r["model"], r) for r in load_results(sweeps)], args.data, MODELS)
     more = "@20: [docs/model_table.md](docs/model_table.md)."
-    block = f"{START}\n{about} {more}\n\n{short}\n{END}"
     print(f"wrote {args.doc}")
-    print(block)
-    if args.update_readme:
-        replace_block(ROOT / "README.md", START, END, block)
-        print("updated README.md")
+    publish(f"{about} {more}\n\n{short}", START, END, args.update_readme)
     return 0
 
 
