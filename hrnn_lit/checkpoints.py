@@ -9,6 +9,8 @@ fresh otherwise (for jobs that a cluster may requeue); any other value is a file
 from __future__ import annotations
 
 import copy
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -56,12 +58,30 @@ def resolve(cfg: DictConfig) -> Path | None:
     return path
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def read(path: Path) -> dict:
-    """The checkpoint's contents, or one line saying why the file is not a checkpoint."""
+    """The checkpoint's contents, or one line saying why the file is not a checkpoint.
+
+    A checkpoint is data (docs/reliability.md, "Security"): it is read with
+    ``weights_only=True``, so unpickling builds tensors and plain containers only and never
+    calls anything the file names. A file that needs more is refused, naming what it holds."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file, another format
-        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        found = _GLOBAL.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if found:  # a pickle that would build or call something: never loaded
+            raise ConfigError(
+                f"ckpt_path: {path} holds objects that a checkpoint does not need "
+                f"({found.group(1)}); refusing to load it (hrnn_lit reads checkpoints as data "
+                "only: a file written by hrnn_lit holds tensors and plain values, so this one "
+                "was changed or written by other code)"
+            ) from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        if isinstance(e, pickle.UnpicklingError):  # torch's preamble, then the cause
+            lines = [ln for ln in lines if ln.startswith(("Unsupported", "Trying"))] or lines
+        reason = (lines or [""])[0][:120]
         raise ConfigError(
             f"ckpt_path: {path} is not a readable checkpoint ({type(e).__name__}: {reason})"
         ) from None

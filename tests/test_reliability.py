@@ -65,7 +65,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     )
     assert killed.returncode == -9, "the process was killed mid-epoch"
     assert not (run_dir / "results.json").exists()
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 64 and ckpt["epoch"] == 0, "a mid-epoch checkpoint"
     resumed = cli([*common, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -101,7 +101,7 @@ def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(
     msg = str(e.value)
     assert "\n" not in msg and "batch 3" in msg and "update 48" in msg
     assert "last finite loss" in msg and "at update 47" in msg
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == last_good
     assert all(
         torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()

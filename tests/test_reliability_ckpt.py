@@ -66,7 +66,7 @@ def test_resume_applies_and_records_a_changed_lr(tmp_path, trained):
     cfg = compose_cfg([*BASE, "ckpt_path=last", "trainer.max_epochs=2", "model.lr=0.05"], out)
     results = run(cfg)
     assert results["resumed_from"]["changed"] == {"model.lr": [0.1, 0.05]}
-    after = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    after = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert after["epoch"] == 1
     assert {g["lr"] for g in after["optimizer_states"][0]["param_groups"]} == {0.05}
     assert after["hyper_parameters"]["lr"] == 0.05
@@ -108,7 +108,7 @@ def test_nan_stop_before_any_checkpoint_does_not_promise_one(tmp_path):
 
 
 def test_nan_in_one_items_output_bias_stops_evaluation(tmp_path, trained):
-    ckpt = torch.load(trained, weights_only=False)
+    ckpt = torch.load(trained, weights_only=True)
     (key,) = [k for k in ckpt["state_dict"] if k.endswith("out_b.weight")]
     ckpt["state_dict"][key][5] = float("nan")
     bad = tmp_path / "nan.ckpt"
@@ -178,7 +178,7 @@ def test_resumed_run_continues_the_wandb_run_of_its_checkpoint(tmp_path, monkeyp
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     run(compose_cfg(["logger=wandb"], tmp_path))
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     run_id = ckpt["hrnn_lit_run"]["wandb_id"]
     run(compose_cfg(["logger=wandb", "ckpt_path=last", "trainer.max_epochs=2"], tmp_path))
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
@@ -196,7 +196,7 @@ def test_a_checkpoint_of_other_data_is_one_line(tmp_path, trained):
 
 def test_mid_epoch_resume_with_another_plan_is_refused(tmp_path):
     run(compose_cfg([*BASE, "+trainer.max_steps=32"], tmp_path))  # stops inside epoch 0
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 32 and ckpt["hrnn_lit_run"]["data"]["batch_size"] == 16
     with pytest.raises(ConfigError, match="^data: the splits differ"):
         run(compose_cfg([*BASE, "ckpt_path=last", "data.preprocess.session_gap=1801"], tmp_path))

@@ -63,7 +63,7 @@ def test_kill_after_epoch_1_with_default_callbacks_resumes_exactly(tmp_path, ful
         ]
     )
     assert killed.returncode == -9
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert epoch_end(ckpt, 1)
     resumed = cli([*THREE_EPOCHS, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -87,7 +87,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, full_r
     ckpt_dir = run_dir / "checkpoints"
     orphans = list(ckpt_dir.glob(".last.ckpt.*"))
     assert len(orphans) == 1 and orphans[0].stat().st_size > 0, "the half-written temp file"
-    ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert epoch_end(ckpt, 0), "epoch 0's checkpoint, intact"
     resumed = cli([*THREE_EPOCHS, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -109,7 +109,7 @@ def test_time_based_saves_resume_exactly(tmp_path, full_run):
         ]
     )
     assert killed.returncode == -9
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 32 and ckpt["epoch"] == 0, "the last batch end before"
     resumed = cli([*THREE_EPOCHS, every, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
