@@ -9,8 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
 from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS, RESETS, parse_activation
-from hrnn_lit.models.engine import ENGINES
-from hrnn_lit.models.graph_step import graph_support
+from hrnn_lit.models.engine import ENGINES, REMOVED, resolve_engine
 from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.optim import KINDS as OPTIMIZERS
 
@@ -105,7 +104,7 @@ def validate_training(cfg: DictConfig) -> None:
     if net is not None and (not OmegaConf.is_dict(net) or "_target_" not in net):
         raise ConfigError(f"model.net must be a config with a _target_ (a class), got {net!r}")
     checks = {
-        "engine": (_choice, ENGINES),
+        "engine": (_choice, ENGINES + tuple(REMOVED)),
         "loss": (_choice, LOSSES),
         "optimizer": (_choice, OPTIMIZERS),
         "n_sample": (_int, 0),
@@ -119,25 +118,13 @@ def validate_training(cfg: DictConfig) -> None:
     for key, (check, *args) in checks.items():
         if key in m:
             check(cfg, f"model.{key}", *args)
-    engine = m.get("engine", "auto")
-    if net is not None and engine == "manual":
-        raise ConfigError(
-            "model.engine=manual: the hand-written update covers the built-in networks only; "
-            "a custom model.net trains with model.engine=autograd (or auto)"
-        )
+    if m.get("engine", "auto") in REMOVED:
+        raise ConfigError(f"model.engine={m.engine}: {REMOVED[m.engine]}")
     graph = m.get("cuda_graph", False)
     if not isinstance(graph, bool):
         raise ConfigError(f"model.cuda_graph must be true or false, got {graph!r}")
     if graph:
-        why = graph_support(m.loss, m.optimizer, m.momentum, m.clip_grad_norm)
-        if why is None and (net is not None or engine == "autograd"):
-            why = "needs the manual engine (model.engine=manual or auto, built-in network)"
-        if why is None and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
-            why = "needs a CUDA device (trainer=gpu), got trainer.accelerator=cpu"
-        if why is None and _get(cfg, "trainer.devices") != 1:
-            why = f"needs one device (trainer.devices=1), got {cfg.trainer.devices}"
-        if why is not None:
-            raise ConfigError(f"model.cuda_graph=true: {why}")
+        resolve_engine("auto", cuda_graph=True)  # retired: one line saying what to use
 
 
 def validate_rnn(cfg: DictConfig) -> None:
@@ -176,13 +163,3 @@ def validate_rnn(cfg: DictConfig) -> None:
         )
     if "logq" in m:
         _float(cfg, "model.logq", 0.0)
-    if m.get("cuda_graph", False):
-        on = [f"model.{k}" for k in ("logq", "embedding", "dropout_embed", "dropout_hidden")
-              if m.get(k, 0)]  # fmt: skip
-        on += ["model.constrained_embedding"] if tied else []
-        if m.final_act not in ACTIVATIONS:
-            on.append(f"model.final_act={m.final_act}")
-        if on:
-            raise ConfigError(
-                f"model.cuda_graph=true does not cover {', '.join(on)} (set model.cuda_graph=false)"
-            )

@@ -42,7 +42,7 @@ class PoisonAtBatch(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == 0 and batch_idx == self.batch:
-            pl_module.core.w_h.weight.data[0, 0] = float("nan")
+            pl_module.net.w_h.weight.data[0, 0] = float("nan")
 
 
 class KillWhileSaving(pl.Callback):
@@ -71,3 +71,22 @@ class KillWhileSaving(pl.Callback):
             return real(obj, f, *args, **kwargs)
 
         torch.save = half_then_kill
+
+
+def small_dm(batch_size: int = 8):
+    """A small user-sorted datamodule on generated data (60 users, 300 items)."""
+    import functools
+
+    from hrnn_lit.data.datamodule import SessionDataModule
+    from hrnn_lit.data.synthetic import generate_events
+
+    dm = SessionDataModule(
+        source=functools.partial(
+            generate_events, seed=0, n_users=60, n_items=300, n_topics=10, n_groups=6
+        ),
+        name="small", preprocess=dict(min_item_support=1, min_session_len=2,
+        min_user_sessions=2, max_user_sessions=None), batch_size=batch_size,
+        eval_batch_size=8, steps_per_batch=16, fit_split="train", seed=0,
+    )  # fmt: skip
+    dm.setup("fit")
+    return dm

@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 from hrnn_lit.config import validate_rnn
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.models.core import RecurrentCore, activation, activation_derivative
-from hrnn_lit.models.graph_step import graph_features
 from hrnn_lit.models.module import RecurrentRecommender
 from tests.test_model_api import _dm, _fit_and_test
 
@@ -75,11 +74,11 @@ def test_input_embeddings_feed_a_plain_gru(mode):
     item, h = torch.tensor([3, 7, 3]), torch.randn(3, 4, dtype=torch.float64)
     table = core.out_w.weight if mode == "constrained" else core.embed.weight
     assert table.shape[1] == (4 if mode == "constrained" else 3)
-    got = core.session_step(item, h, h[:, :0])
+    got = core.step(item, (h, h[:, :0]))[0]
     torch.testing.assert_close(got, _gru_reference(core, table[item], h))
     # tied: the output matrix's rows get gradients as inputs and as outputs
     core.train()
-    s = core.score((core.session_step(item, h, h[:, :0]), h[:, :0]), torch.tensor([5]))
+    s = core.score((core.step(item, (h, h[:, :0]))[0], h[:, :0]), torch.tensor([5]))
     s.sum().backward()
     rows = core.out_w.weight.grad.coalesce().indices()[0].tolist()
     assert rows == ([3, 5, 7] if mode == "constrained" else [5])
@@ -89,15 +88,15 @@ def test_hidden_dropout_is_carried_and_session_dropout_only_scored():
     torch.manual_seed(0)
     item, n = torch.arange(8), 30
     hidden = RecurrentCore(n, hidden_size=64, user_propagation="none", dropout_hidden=0.5)
-    h1 = hidden.session_step(item, torch.zeros(8, 64), torch.zeros(8, 0))
+    h1 = hidden.step(item, (torch.zeros(8, 64), torch.zeros(8, 0)))[0]
     assert 0.3 < (h1 == 0).double().mean() < 0.7  # the carried state has dropped units
     scored = RecurrentCore(n, hidden_size=64, user_propagation="none", dropout_session=0.5)
-    h2 = scored.session_step(item, torch.zeros(8, 64), torch.zeros(8, 0))
+    h2 = scored.step(item, (torch.zeros(8, 64), torch.zeros(8, 0)))[0]
     assert (h2 == 0).sum() == 0  # carried whole; dropped where scored
-    s = scored.score_items(h2, h2[:, :0], torch.tensor([1]))
+    s = scored.score((h2, h2[:, :0]), torch.tensor([1]))
     assert not torch.equal(s, h2 @ scored.out_w.weight[[1]].T + scored.out_b.weight[[1]].T)
     hidden.eval()  # no dropout in evaluation
-    assert (hidden.session_step(item, torch.zeros(8, 64), torch.zeros(8, 0)) == 0).sum() == 0
+    assert (hidden.step(item, (torch.zeros(8, 64), torch.zeros(8, 0)))[0] == 0).sum() == 0
 
 
 def test_one_hot_input_dropout_drops_whole_items():
@@ -121,12 +120,12 @@ def test_logq_bias_of_targets_and_samples():
     logq * log(count ** alpha) (the drawing weights, unnormalised)."""
     counts = np.array([1, 4, 9, 100])
     m = RecurrentRecommender(n_items=4, item_counts=counts, logq=0.8, sample_alpha=0.5)
-    bias = m._logq_bias(torch.tensor([[1, 3]]), torch.tensor([[2, 2, 0]]))
+    bias = m._logq_bias(torch.tensor([[1, 3, 2, 2, 0]]), 2)
     want = [0.8 * math.log(4), 0.8 * math.log(100), 0.4 * math.log(9), 0.4 * math.log(9), 0.0]
     torch.testing.assert_close(bias, torch.tensor([want]))
     assert (
         RecurrentRecommender(n_items=4, item_counts=counts)._logq_bias(
-            torch.tensor([[1]]), torch.tensor([[2]])
+            torch.tensor([[1, 2]]), 1
         )
         is None
     )
@@ -145,13 +144,14 @@ FEATURES = [
 
 
 @pytest.mark.parametrize("name,kw", FEATURES, ids=[f"{n}-{k['loss']}" for n, k in FEATURES])
-def test_manual_engine_equals_autograd_engine_with_the_features_on(name, kw):
+def test_fused_path_equals_the_plain_reference_with_the_features_on(name, kw):
     """One epoch in float64 with popularity samples, logQ, an input embedding and both
-    dropouts: the hand-written update (and its fast evaluation) ends with the weights and
-    metrics of the network's forward through autograd (and the reference evaluation)."""
+    dropouts: the one path with its fused ops (and its fast evaluation) ends with the
+    weights and metrics of the plain reference (``engine=autograd``: the network's score,
+    the loss in torch ops, the reference evaluation)."""
     dm = _dm()
     kw = dict(n_sample=16, sample_alpha=0.5, dropout_embed=0.2, dropout_hidden=0.2, **kw)
-    w_manual, m_manual = _fit_and_test(dm, "64-true", engine="manual", **kw)
+    w_manual, m_manual = _fit_and_test(dm, "64-true", engine="auto", **kw)
     w_auto, m_auto = _fit_and_test(dm, "64-true", engine="autograd", reference_eval=True, **kw)
     assert w_manual.keys() == w_auto.keys()
     for k in w_manual:
@@ -179,22 +179,12 @@ def _model(**kw):
         (dict(embedding=-1), "model.embedding must be an integer >= 0"),
         (dict(logq=-0.5), "model.logq must be a number >= 0.0"),
         (dict(dropout_hidden=1.0), "model.dropout_hidden must be a number in"),
-        (dict(cuda_graph=True, logq=1.0), "model.cuda_graph=true does not cover model.logq"),
     ],
 )
 def test_config_errors_name_the_key(kw, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
         validate_rnn(_model(**kw))
     validate_rnn(_model(final_act="selu-1.05-1.67", embedding=16, logq=1.0, dropout_embed=0.3))
-
-
-def test_cuda_graph_names_the_features_it_lacks():
-    core = RecurrentCore(10, hidden_size=4, user_propagation="none", constrained_embedding=True,
-                         final_act="elu-1", dropout_hidden=0.1)  # fmt: skip
-    why = graph_features(core, logq=1.0)
-    for key in ("model.logq", "model.constrained_embedding", "final_act=elu-1", "dropout_hidden"):
-        assert key in why
-    assert graph_features(RecurrentCore(10, hidden_size=4, user_propagation="none")) is None
 
 
 def test_tied_embedding_trains_data_parallel(tmp_path):

@@ -101,6 +101,16 @@ def _dm(n_users: int = 40) -> SessionDataModule:
     return dm
 
 
+def _fit_model(dm, model, trainer=None):
+    trainer = trainer or pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        precision="64-true", max_epochs=1,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    return model
+
+
 def _fit_and_test(dm, precision: str, reference_eval: bool = False, **kw) -> tuple[dict, dict]:
     torch.manual_seed(0)
     kw = {"hidden_size": 8, "user_hidden_size": 6, **kw}
@@ -110,7 +120,7 @@ def _fit_and_test(dm, precision: str, reference_eval: bool = False, **kw) -> tup
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         precision=precision, max_epochs=1,
     )  # fmt: skip
-    trainer.fit(model, datamodule=dm)
+    _fit_model(dm, model, trainer)
     if reference_eval:  # the network's own score over the catalogue, not the fast path
         model.fast_eval = False
     trainer.test(model, datamodule=dm, verbose=False)
@@ -121,38 +131,66 @@ CASES = [(v, "top1", {}) for v in ("session_rnn", "rnn_concat", "hrnn_init", "hr
 CASES += [("hrnn_all_output_tanh", loss, {}) for loss in LOSSES]
 CASES += [("hrnn_init", "bpr-max", dict(n_sample=16, dropout_user=0.2, dropout_init=0.2,
                                          dropout_session=0.2, momentum=0.3))]  # fmt: skip
-
-
 @pytest.mark.parametrize("variant,loss,extra", CASES)
-def test_manual_engine_equals_autograd_engine_over_an_epoch(variant, loss, extra):
+def test_fused_path_equals_the_plain_reference_over_an_epoch(variant, loss, extra):
     """One epoch of training and a test pass, in float64 (float32 training amplifies
-    rounding through Adagrad's first steps): the hand-written update with its fast
-    evaluation ends with the weights and metrics of the network's own forward through
-    autograd with the reference evaluation (the same dropout draws, in the same order)."""
+    rounding through Adagrad's first steps): the one path with its fused ops
+    (``engine=auto``: ``ops.sampled_loss``, hand-written loss gradients) and its fast
+    evaluation ends with the weights and metrics of the plain reference (``engine=autograd``:
+    the network's ``score`` and the loss in torch ops, the reference evaluation), with the
+    same dropout draws in the same order."""
     dm = _dm()
     kw = dict(loss=loss, **VARIANTS[variant], **extra)
-    w_manual, m_manual = _fit_and_test(dm, "64-true", engine="manual", **kw)
-    w_auto, m_auto = _fit_and_test(dm, "64-true", engine="autograd", reference_eval=True, **kw)
-    assert w_manual.keys() == w_auto.keys()
-    for k in w_manual:
-        torch.testing.assert_close(w_manual[k], w_auto[k], rtol=1e-8, atol=1e-10, msg=k)
-    assert m_manual.keys() == m_auto.keys()
-    for k in m_manual:
-        assert m_manual[k] == pytest.approx(m_auto[k], abs=1e-12), k
-    assert m_manual["test/n_events"] > 100
+    w_fused, m_fused = _fit_and_test(dm, "64-true", engine="auto", **kw)
+    w_plain, m_plain = _fit_and_test(dm, "64-true", engine="autograd", reference_eval=True, **kw)
+    assert w_fused.keys() == w_plain.keys()
+    for k in w_fused:
+        torch.testing.assert_close(w_fused[k], w_plain[k], rtol=1e-8, atol=1e-10, msg=k)
+    assert m_fused.keys() == m_plain.keys()
+    for k in m_fused:
+        assert m_fused[k] == pytest.approx(m_plain[k], abs=1e-12), k
+    assert m_fused["test/n_events"] > 100
 
 
 def test_engine_choice_and_one_line_errors():
     dm_items = 50
-    assert RecurrentRecommender(n_items=dm_items).engine == "manual"  # auto, built-in
+    assert RecurrentRecommender(n_items=dm_items).fused  # auto, scores with score_factors
+    assert not RecurrentRecommender(n_items=dm_items, engine="autograd").fused
     net = {"_target_": "hrnn_lit.models.attention_hrnn.AttentionHRNN", "hidden_size": 8}
-    assert RecurrentRecommender(n_items=dm_items, net=net).engine == "autograd"
-    with pytest.raises(ConfigError, match="model.engine=manual"):
-        RecurrentRecommender(n_items=dm_items, net=net, engine="manual")
+    assert not RecurrentRecommender(n_items=dm_items, net=net).fused
+    with pytest.raises(ConfigError, match="model.engine=manual: the hand-written update was retired"):
+        RecurrentRecommender(n_items=dm_items, engine="manual")
+    with pytest.raises(ConfigError, match="model.cuda_graph=true: the captured CUDA-graph step"):
+        RecurrentRecommender(n_items=dm_items, cuda_graph=True)
     with pytest.raises(ConfigError, match="model.net .*nope"):
         RecurrentRecommender(n_items=dm_items, net={**net, "nope": 1})
     with pytest.raises(ConfigError, match="lacks initial_state, start, step, score"):
         RecurrentRecommender(n_items=dm_items, net={"_target_": "torch.nn.Identity"})
+
+
+class _OwnStep(RecurrentCore):
+    """A subclass that overrides ``step``: its input item never enters the GRU."""
+
+    def step(self, items, state):
+        return super().step(torch.zeros_like(items), state)
+
+
+def test_a_subclass_overriding_step_trains_by_its_own_rule():
+    """The loop calls the network's own ``step``: a subclass's rule is the one trained (the
+    input table of a network that ignores its input items gets gradient at item 0 only)."""
+    dm = _dm()
+    kw = dict(hidden_size=8, user_hidden_size=6, user_propagation="none", loss="top1")
+    net = {"_target_": f"{__name__}._OwnStep", **kw}
+    net.pop("loss")
+    _, m_own = _fit_and_test(dm, "64-true", net=net)
+    own = RecurrentRecommender(n_items=dm.n_items, item_counts=dm.item_counts, net=net)
+    torch.manual_seed(0)
+    before = copy.deepcopy(own.net.item_in.weight.detach())
+    own = _fit_model(dm, own)
+    moved = (own.net.item_in.weight.detach() != before).any(1).nonzero().view(-1).tolist()
+    assert moved == [0]
+    _, m_builtin = _fit_and_test(dm, "64-true", **kw)
+    assert m_own != m_builtin
 
 
 def test_attention_memory_files_sessions_and_forgets_users():

@@ -147,7 +147,7 @@ def test_cli_trains_a_session_rnn_and_refuses_a_hrnn_without_users(tmp_path):
                       tmp_path / "out")  # fmt: skip
     validate(cfg)
     results = run(cfg)
-    assert results["test/n_events"] == 20 * 2 and results["engine"] == "manual"
+    assert results["test/n_events"] == 20 * 2 and results["engine"] == "fused"
     cfg = compose_cfg([*data, "model=hrnn_init"], tmp_path / "out2")
     with pytest.raises(HrnnError, match="no user column, so only session models"):
         run(cfg)

@@ -17,7 +17,7 @@ from hrnn_lit.models import native
 from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.run import run
 from tests.conftest import TINY, compose_cfg
-from tests.test_graph_step import small_dm
+from tests.helpers import small_dm
 
 
 def metrics(results: dict) -> dict:

@@ -52,6 +52,40 @@ class Starts:
         return Starts(session, user, (session & ~user).nonzero().view(-1))
 
 
+@dataclass(frozen=True)
+class ScoreFactors:
+    """Scores as a linear form of the state, for networks that have one (optional
+    ``score_factors(state)`` method): scores [B, N] of items [N] are
+    ``act(sum_k queries[k] @ tables[k][items].T + bias[items])``, with ``queries[k]`` [B, D_k],
+    ``tables[k]`` [n_items, D_k] (item tables: parameters) and ``bias`` [n_items, 1].
+    Training then fuses the candidates' scores with the loss (``ops.sampled_loss``: each
+    distinct candidate's rows gathered once, row-sparse gradients) and evaluation ranks the
+    catalogue in blocks without the score matrix; a network defining it gets its
+    ``score`` from it (``linear_scores``), so the rule is written once."""
+
+    queries: tuple[Tensor, ...]
+    tables: tuple[Tensor, ...]
+    bias: Tensor
+    act: str = "linear"
+
+
+def linear_scores(f: ScoreFactors, items: Tensor | None = None) -> Tensor:
+    """The scores ``f`` defines: [B, N] of items [N] (training: with row-sparse gradients
+    for the tables), or [B, n_items] of the whole catalogue when ``items`` is None."""
+    from hrnn_lit.ops.activations import activation, ranking_activation
+    from hrnn_lit.ops.tables import rows
+
+    if items is None:
+        s = torch.addmm(f.bias.T, f.queries[0], f.tables[0].T)  # [B, n_items]
+        for q, w in zip(f.queries[1:], f.tables[1:]):
+            s = s + q @ w.T
+        return activation(ranking_activation(f.act))(s)
+    s = torch.addmm(rows(f.bias, items).T, f.queries[0], rows(f.tables[0], items).T)  # [B, N]
+    for q, w in zip(f.queries[1:], f.tables[1:]):
+        s = s + q @ rows(w, items).T
+    return activation(f.act)(s)
+
+
 @runtime_checkable
 class SessionModel(Protocol):
     """The four methods of the model API (see the module docstring)."""

@@ -1,8 +1,10 @@
-"""Which engine makes a network's training update, and building a user's network.
+"""How a network's training update is made, and building a user's network.
 
-``autograd`` trains any network of the model API (``hrnn_lit.models.api``) through torch
-autograd; ``manual`` is the hand-written update of the built-in ``RecurrentCore`` (and its
-C kernels and CUDA graph); ``auto`` picks ``manual`` where it applies."""
+Every network trains through its own ``start``/``step``/``score`` in one loop
+(``module.RecurrentRecommender.training_step``). ``model.engine``: ``auto`` fuses the
+candidates' scores with the loss where the network's scores are a linear form of its state
+(``score_factors``: ``ops.sampled_loss``) and uses hand-written loss gradients otherwise;
+``autograd`` is the plain reference: the network's ``score`` and the loss in torch ops."""
 
 from __future__ import annotations
 
@@ -12,28 +14,26 @@ from torch import nn
 
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.models.api import check_model
-from hrnn_lit.models.core import RecurrentCore
 
-ENGINES = ("auto", "autograd", "manual")
+ENGINES = ("auto", "autograd")
+REMOVED = {
+    "manual": "the hand-written update was retired: every network trains through its own "
+    "start/step/score with fused ops (model.engine=auto)",
+}
 
 
-def resolve_engine(engine: str, net: nn.Module, cuda_graph: bool = False) -> str:
-    """The engine that trains ``net`` (``autograd`` or ``manual``) for ``model.engine``."""
+def resolve_engine(engine: str, cuda_graph: bool = False) -> str:
+    """``model.engine`` checked: one line for a removed or unknown value."""
+    if engine in REMOVED:
+        raise ConfigError(f"model.engine={engine}: {REMOVED[engine]}")
     if engine not in ENGINES:
         raise ConfigError(f"model.engine must be one of {list(ENGINES)}, got {engine!r}")
-    builtin = isinstance(net, RecurrentCore)
-    if engine == "manual" and not builtin:
+    if cuda_graph:
         raise ConfigError(
-            f"model.engine=manual: the hand-written update covers the built-in networks only, "
-            f"not {type(net).__name__}; use model.engine=autograd (or auto)"
+            "model.cuda_graph=true: the captured CUDA-graph step was retired with the "
+            "hand-written update (set model.cuda_graph=false; trainer=gpu trains eagerly)"
         )
-    resolved = "manual" if engine == "auto" and builtin else engine
-    resolved = "autograd" if resolved == "auto" else resolved
-    if cuda_graph and resolved != "manual":
-        raise ConfigError(
-            "model.cuda_graph=true needs model.engine manual (or auto on a built-in network)"
-        )
-    return resolved
+    return engine
 
 
 def build_net(spec: dict, n_items: int) -> nn.Module:

@@ -25,7 +25,11 @@ def _rows(grad: Tensor) -> tuple[Tensor | None, Tensor]:
     """(row indices or None for dense, gradient values): duplicates summed."""
     if not grad.is_sparse:
         return None, grad
-    grad = grad.coalesce()
+    if not grad.is_coalesced():  # autograd drops the flag of a coalesced gradient it stores
+        idx = grad._indices()[0]
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            grad = grad.coalesce()
+        return grad._indices()[0], grad._values()
     return grad.indices()[0], grad.values()
 
 
