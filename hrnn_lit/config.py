@@ -15,7 +15,7 @@ from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.optim import KINDS as OPTIMIZERS
 
 MODES = ("train", "test", "prepare")
-PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand-written training step runs
+PRECISIONS = ("32-true", "32", "bf16-mixed", "64-true")  # 64-true: float64, reference checks
 
 
 def _get(cfg: DictConfig, key: str):
@@ -80,7 +80,7 @@ def validate(cfg: DictConfig) -> None:
     if str(precision) not in PRECISIONS:
         raise ConfigError(
             f"trainer.precision must be one of {list(PRECISIONS)} (bf16-mixed: the output "
-            f"layer's backward products in bfloat16), got {precision!r}"
+            f"layer's backward products in bfloat16; 64-true: float64), got {precision!r}"
         )
     if OmegaConf.select(cfg, "callbacks.model_checkpoint") is not None:
         # optimiser updates (one per time step); saved at the first batch end past each multiple
