@@ -102,6 +102,16 @@ def average_gradients(params: list[Tensor], max_rows: int | None = None) -> None
         v_off += rows_each * d
 
 
+def over_ranks(values: list[float], op: str = "sum") -> list[float]:
+    """``values`` summed (``op="max"``: their maximum) over the ranks; as they are on one
+    process. A CPU tensor: gloo carries it on GPU groups too (launch.py)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def check_in_sync(module: torch.nn.Module) -> None:
     """Raise if the ranks' parameters differ (they must stay identical after every step)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -321,9 +321,7 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_fi
         "n_items": dm.n_items,
         "data/n_dropped_test_events": dm.n_dropped["test"],
         "data/n_test_users_without_history": dm.n_without_history["test"],
-        "perf/train_events_per_s": throughput.train_events_per_s,
-        "perf/train_seconds": throughput.train_seconds,  # fitting (a baseline: its counts)
-        "perf/eval_events_per_s": throughput.eval_events_per_s,
+        **throughput.rates(),  # perf/: totals over the ranks and per process (Throughput)
         **model.eval_metrics.get("val", {}),
         **model.eval_metrics["test"],
         **breakdowns(model.eval_outputs["test"], list(cfg.eval.ks)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,28 @@ def test_average_gradients_takes_any_number_of_touched_rows(max_rows, tmp_path):
         got = torch.load(f"{out}.{rank}")
         torch.testing.assert_close(got["table"], want, rtol=0, atol=1e-7)
         torch.testing.assert_close(got["dense"], torch.full((4,), 1.5))
+
+
+def test_ddp_prints_no_lightning_advice_and_says_whose_events_per_s(tmp_path):
+    """The CLI under trainer=ddp: no Lightning "sync_dist" lines on the console nor in the
+    worker's log; perf/ gives the total over the 2 ranks and the per-process rate."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+
+    out = tmp_path / "run"
+    p = subprocess.run(
+        [sys.executable, "-m", "hrnn_lit", *TINY, "trainer=ddp", "logger=none",
+         "callbacks=none", f"hydra.run.dir={out}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    advice = "sync_dist=True)` when logging"
+    assert advice not in p.stderr + p.stdout and "Warning" not in p.stderr, p.stderr
+    assert advice not in (out / ".ddp_rank1.log").read_text()
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2
+    for kind in ("train", "eval"):
+        total, each = res[f"perf/{kind}_events_per_s"], res[f"perf/{kind}_events_per_s_per_process"]
+        assert total > 0 and each == pytest.approx(total / 2)
