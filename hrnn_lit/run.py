@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit import checkpoints, distributed, launch, runtime
 from hrnn_lit.callbacks import RunRecord, Throughput
-from hrnn_lit.config import validate
+from hrnn_lit.config import own_network, validate
 from hrnn_lit.data.preprocess import split_stats
 from hrnn_lit.errors import ConfigError, HrnnError
 from hrnn_lit.evaluation.evaluator import breakdowns
@@ -331,4 +331,5 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_fi
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    own_network(cfg, checkpoints.explicit_overrides())  # a swapped model.net: its own name
     return prepare(cfg) if cfg.mode == "prepare" else train(cfg)
