@@ -4,8 +4,10 @@ Errors a user can fix come out as one line and exit status 2: hrnn_lit's own (``
 unknown options of a config group (``model=nope``), and unknown config keys, which Hydra
 reports either at composition (``key=value`` on a key the config lacks) or, after
 ``+key=value``, as a ``TypeError`` of the class that receives it. Both become
-``error: unknown key K; did you mean M?`` with M the closest key of the composed config. A
-multirun's first job is composed before the sweep starts, so the same line stops it early.
+``error: unknown key K; did you mean M?`` with M the closest key of the composed config;
+under a node built from a ``_target_`` (``model.net``: the network's own arguments) with no
+close key, the line says how to add K: ``+K=value``. A multirun's first job is composed
+before the sweep starts, so the same line stops it early.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ def config_keys(cfg: DictConfig) -> list[str]:
     return keys
 
 
-def unknown_key_line(key: str, keys: list[str]) -> str:
+def unknown_key_line(key: str, keys: list[str], add: str | None = None) -> str:
     """``error: unknown key K[; did you mean M?]``: M is the sibling of K with the closest
-    name, or, where K's parent is itself unknown, the closest key of the config."""
+    name, or, where K's parent is itself unknown, the closest key of the config. ``add``:
+    the hint used where no sibling is close (``add_hint``: K's parent takes arguments the
+    config leaves out, which ``+K=value`` adds)."""
     keys = [k for k in keys if k != key]  # a key added with +key=value is in the config
     parent, _, leaf = key.rpartition(".")
     siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
@@ -56,8 +60,52 @@ def unknown_key_line(key: str, keys: list[str]) -> str:
         match = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1)]
     else:
         match = difflib.get_close_matches(key, keys, n=1)
-    hint = f"; did you mean {match[0]}?" if match else ""
+    hint = f"; did you mean {match[0]}?" if match else f"; {add}" if add else ""
     return f"error: unknown key {key}{hint}"
+
+
+def _arguments(target: str) -> list[str] | None:
+    """Keyword arguments of the callable a ``_target_`` names; None where it takes any
+    (``**kwargs``) or cannot be imported (quietly: this only picks a hint)."""
+    import importlib
+    import inspect
+
+    parts = target.split(".")
+    try:
+        for i in range(len(parts) - 1, 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ImportError:
+                continue
+        else:
+            return None
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        params = inspect.signature(obj).parameters.values()
+    except Exception:
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def add_hint(key: str, value: str, cfg: DictConfig | None) -> str | None:
+    """For a key the config lacks under a node that is built from a ``_target_`` (e.g.
+    ``model.net``, whose keys are the network's own arguments): ``+key=value`` where the
+    target takes that argument, the closest argument it takes otherwise; else None."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if cfg is not None and parent else None
+    if not OmegaConf.is_dict(node) or "_target_" not in node:
+        return None
+    target = str(node["_target_"])
+    args = _arguments(target)
+    if args is None:
+        return f"a key {parent} leaves out is added with +{key}={value}"
+    if leaf in args:
+        return f"{target} takes {leaf}: add it with +{key}={value}"
+    match = difflib.get_close_matches(leaf, args, n=1)
+    return f"did you mean +{parent}.{match[0]}={value}?" if match else None
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -75,15 +123,15 @@ def _overrides(argv: list[str]) -> list[str]:
     return out
 
 
-def _composed_keys(overrides: list[str]) -> list[str]:
-    """Keys of conf/ composed with these overrides ([] where they do not compose)."""
+def _composed(overrides: list[str]) -> DictConfig | None:
+    """conf/ composed with these overrides (None where they do not compose)."""
     from hydra import compose, initialize_config_dir
 
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return config_keys(compose("config", overrides=overrides))
+            return compose("config", overrides=overrides)
     except Exception:
-        return []
+        return None
 
 
 def compose_error_line(message: str, overrides: list[str]) -> str | None:
@@ -101,7 +149,13 @@ def compose_error_line(message: str, overrides: list[str]) -> str | None:
         return None
     key = m.group(1)
     others = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
-    return unknown_key_line(key, _composed_keys(others))
+    value = next((o.split("=", 1)[1] for o in overrides if o not in others), "...")
+    cfg = _composed(others)
+    keys = config_keys(cfg) if cfg is not None else []
+    line = unknown_key_line(key, keys)
+    if line.endswith(key):  # no close key: an argument the config leaves out? (imports it)
+        line = unknown_key_line(key, keys, add_hint(key, value, cfg))
+    return line
 
 
 def first_job_overrides(argv: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -22,7 +23,13 @@ TMP_SUFFIX = ".hrnn-tmp"  # a checkpoint being written: `.<name>.<unique>.hrnn-t
 class Throughput(pl.Callback):
     """Events per second in training (time from epoch start to the last batch's end, data
     loading included, validation excluded) and in testing (scored events over the whole
-    test loop, history replay included)."""
+    test loop, history replay included).
+
+    ``rates()`` gives the ``perf/`` keys of results.json. With N data-parallel processes
+    ``perf/train_events_per_s`` and ``perf/eval_events_per_s`` are totals (all ranks'
+    events over the slowest rank's seconds) and the ``..._per_process`` keys are those / N;
+    ``perf/train_seconds`` is the slowest rank's. The logged ``perf/train_events_per_s``
+    (each epoch) is the total too. Every rank must call ``rates()`` (a collective)."""
 
     def __init__(self) -> None:
         self.train_events = 0
@@ -40,7 +47,7 @@ class Throughput(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.train_seconds += self._t_last - self._t0
-        pl_module.log("perf/train_events_per_s", self.train_events_per_s)
+        pl_module.log("perf/train_events_per_s", self.rates()["perf/train_events_per_s"])
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
@@ -53,11 +60,30 @@ class Throughput(pl.Callback):
 
     @property
     def train_events_per_s(self) -> float:
+        """This process's."""
         return self.train_events / self.train_seconds if self.train_seconds > 0 else 0.0
 
     @property
     def eval_events_per_s(self) -> float:
+        """This process's."""
         return self.test_events / self.test_seconds if self.test_seconds > 0 else 0.0
+
+    def rates(self) -> dict[str, float]:
+        """The ``perf/`` keys over all ranks (see the class)."""
+        from hrnn_lit.distributed import over_ranks
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        train_events, test_events = over_ranks([self.train_events, self.test_events])
+        train_s, test_s = over_ranks([self.train_seconds, self.test_seconds], op="max")
+        train = train_events / train_s if train_s > 0 else 0.0
+        test = test_events / test_s if test_s > 0 else 0.0
+        return {
+            "perf/train_events_per_s": train,
+            "perf/train_events_per_s_per_process": train / world,
+            "perf/train_seconds": train_s,  # fitting (a baseline: its counts)
+            "perf/eval_events_per_s": test,
+            "perf/eval_events_per_s_per_process": test / world,
+        }
 
 
 # ------------------------------------------------------------------------ checkpoints

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
@@ -14,7 +14,13 @@ from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.optim import KINDS as OPTIMIZERS
 
 MODES = ("train", "test", "prepare")
-PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand-written training step runs
+PRECISIONS = ("32-true", "32", "bf16-mixed", "64-true")  # 64-true: float64, reference checks
+# keys of the built-in network (conf/model/hrnn_init.yaml): a custom model.net has its own
+BUILTIN_NET_KEYS = (
+    "hidden_size", "user_hidden_size", "user_propagation", "user_to_output",
+    "user_to_session_act", "reset_at", "final_act", "embedding", "constrained_embedding",
+    "dropout_embed", "dropout_hidden", "dropout_session", "dropout_user", "dropout_init",
+)  # fmt: skip
 
 
 def _get(cfg: DictConfig, key: str):
@@ -79,7 +85,7 @@ def validate(cfg: DictConfig) -> None:
     if str(precision) not in PRECISIONS:
         raise ConfigError(
             f"trainer.precision must be one of {list(PRECISIONS)} (bf16-mixed: the output "
-            f"layer's backward products in bfloat16), got {precision!r}"
+            f"layer's backward products in bfloat16; 64-true: float64), got {precision!r}"
         )
     if OmegaConf.select(cfg, "callbacks.model_checkpoint") is not None:
         # optimiser updates (one per time step); saved at the first batch end past each multiple
@@ -163,3 +169,32 @@ def validate_rnn(cfg: DictConfig) -> None:
         )
     if "logq" in m:
         _float(cfg, "model.logq", 0.0)
+
+
+
+def own_network(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """A custom ``model.net`` on a built-in model's config (``model=session_rnn
+    'model.net={_target_:pkg.Net}'``) makes the run the network's own: the built-in
+    network's keys, which it ignores, leave ``cfg.model`` (so config.yaml, the checkpoint's
+    model config and the logs do not show them) and the run is named after the network's
+    class unless ``model.name`` is set on the command line. ``overrides``: the command
+    line's (None outside Hydra); setting a built-in network's key there stops with one line,
+    since the network would not see it."""
+    net = OmegaConf.select(cfg, "model.net")
+    ignored = [k for k in BUILTIN_NET_KEYS if net is not None and k in cfg.model]
+    if not ignored:
+        return
+    target = str(net["_target_"])
+    given = [o.lstrip("+~").split("=", 1)[0] for o in overrides or []]
+    for k in ignored:
+        if f"model.{k}" in given:
+            own = f"{'' if k in net else '+'}model.net.{k}=..."
+            raise ConfigError(
+                f"model.{k}: a key of the built-in network, which model.net ({target}) "
+                f"replaces; the network takes its own arguments (e.g. {own})"
+            )
+    with open_dict(cfg):
+        for k in ignored:
+            del cfg.model[k]
+        if "model.name" not in given:
+            cfg.model.name = target.rpartition(".")[2]

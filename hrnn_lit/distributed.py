@@ -40,24 +40,31 @@ def gather_cat(t: Tensor) -> Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def average_gradients(params: list[Tensor], max_rows: int) -> None:
+def average_gradients(params: list[Tensor], max_rows: int | None = None) -> None:
     """Average every parameter's gradient over the ranks.
 
-    Dense grads (and a has-grad flag each) go in one all-reduce. Row-sparse grads (at most
-    ``max_rows`` touched rows per table) are padded to ``max_rows`` rows and all-gathered in
-    one call for indices and one for values, then summed as a sparse tensor.
+    Dense grads (and a has-grad flag each) go in one all-reduce. Row-sparse grads are
+    padded to a common row count and all-gathered in one call for indices and one for
+    values, then summed as a sparse tensor. The count is ``max_rows`` (what the built-in
+    step touches at most) while every rank's tables fit it; a flag in the dense all-reduce
+    tells whether one does not (a network may touch any rows, e.g. a history's items), and
+    then one more small all-reduce agrees on the largest count. Without ``max_rows`` that
+    all-reduce runs every time.
     """
     world = dist.get_world_size()
     dense, sparse = [], []
     for p in params:
         (sparse if p.grad is not None and p.grad.is_sparse else dense).append(p)
     device = params[0].device
+    grads = [p.grad.coalesce() for p in sparse]
+    most = max((g.indices().shape[1] for g in grads), default=0)
+    over = float(bool(sparse) and (max_rows is None or most > max_rows))
     flat = torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense]
-        + [torch.tensor([float(p.grad is not None) for p in dense], device=device)]
+        + [torch.tensor([float(p.grad is not None) for p in dense] + [over], device=device)]
     )
     dist.all_reduce(flat)
-    flags = flat[-len(dense) :]
+    flags, over = flat[-len(dense) - 1 : -1], flat[-1].item() > 0
     offset = 0
     for p, flag in zip(dense, flags.tolist()):
         n = p.numel()
@@ -65,14 +72,16 @@ def average_gradients(params: list[Tensor], max_rows: int) -> None:
         offset += n
     if not sparse:
         return
+    rows_each = max_rows
+    if over:  # some rank touched more rows than max_rows: pad to the largest count
+        count = torch.tensor([most], dtype=torch.long, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        rows_each = int(count.item())
     idx_parts, val_parts = [], []
-    for p in sparse:
-        g = p.grad.coalesce()
+    for p, g in zip(sparse, grads):
         rows, vals = g.indices()[0], g.values()
-        if rows.numel() > max_rows:
-            raise RuntimeError(f"{rows.numel()} touched rows exceed max_rows={max_rows}")
-        idx = torch.zeros(max_rows, dtype=torch.long, device=device)
-        val = torch.zeros(max_rows, p.shape[1], dtype=vals.dtype, device=device)
+        idx = torch.zeros(rows_each, dtype=torch.long, device=device)
+        val = torch.zeros(rows_each, p.shape[1], dtype=vals.dtype, device=device)
         idx[: rows.numel()] = rows
         val[: rows.numel()] = vals
         idx_parts.append(idx)
@@ -85,12 +94,22 @@ def average_gradients(params: list[Tensor], max_rows: int) -> None:
     i_off = v_off = 0
     for p in sparse:
         d = p.shape[1]
-        rows = torch.cat([g[i_off : i_off + max_rows] for g in idx_g])
-        vals = torch.cat([g[v_off : v_off + max_rows * d].view(max_rows, d) for g in val_g])
+        rows = torch.cat([g[i_off : i_off + rows_each] for g in idx_g])
+        vals = torch.cat([g[v_off : v_off + rows_each * d].view(rows_each, d) for g in val_g])
         grad = torch.sparse_coo_tensor(rows[None], vals / world, p.shape, check_invariants=False)
         p.grad = grad.coalesce()  # rows are in range by construction: no checks (nor warning)
-        i_off += max_rows
-        v_off += max_rows * d
+        i_off += rows_each
+        v_off += rows_each * d
+
+
+def over_ranks(values: list[float], op: str = "sum") -> list[float]:
+    """``values`` summed (``op="max"``: their maximum) over the ranks; as they are on one
+    process. A CPU tensor: gloo carries it on GPU groups too (launch.py)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
 
 
 def check_in_sync(module: torch.nn.Module) -> None:

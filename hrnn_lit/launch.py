@@ -246,8 +246,10 @@ def teardown(world: World, failed: bool = False) -> None:
 
 def _worker_main(cfg_file: str) -> None:
     """Entry of ranks 1..N-1 started by ``setup``: the resolved job config, no Hydra."""
+    from hrnn_lit.quiet import quiet
     from hrnn_lit.run import train
 
+    quiet()  # its log file: the same lines as rank 0's console
     train(OmegaConf.load(cfg_file))
 
 

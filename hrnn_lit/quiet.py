@@ -11,6 +11,11 @@ from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 # Python warnings of the libraries hrnn_lit runs on (message patterns).
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning's _pytree on recent torch
+    # data-parallel: each rank runs a single-device Trainer (sync_dist=True would reduce
+    # nothing); the val/test metrics are gathered by hrnn_lit before they are logged and
+    # perf/ is a total over the ranks, so Lightning's advice on every epoch-level key is moot
+    r"It is recommended to use `self\.log\('[^']*', \.\.\., sync_dist=True\)` when logging "
+    r"on epoch level in distributed setting",
 )
 
 # Lightning's info lines that say nothing a user can act on: an advertisement, TPUs (no

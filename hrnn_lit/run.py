@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit import checkpoints, distributed, launch, runtime
 from hrnn_lit.callbacks import RunRecord, Throughput
-from hrnn_lit.config import validate
+from hrnn_lit.config import own_network, validate
 from hrnn_lit.data.preprocess import split_stats
 from hrnn_lit.errors import ConfigError, HrnnError
 from hrnn_lit.evaluation.evaluator import breakdowns
@@ -321,9 +321,7 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_fi
         "n_items": dm.n_items,
         "data/n_dropped_test_events": dm.n_dropped["test"],
         "data/n_test_users_without_history": dm.n_without_history["test"],
-        "perf/train_events_per_s": throughput.train_events_per_s,
-        "perf/train_seconds": throughput.train_seconds,  # fitting (a baseline: its counts)
-        "perf/eval_events_per_s": throughput.eval_events_per_s,
+        **throughput.rates(),  # perf/: totals over the ranks and per process (Throughput)
         **model.eval_metrics.get("val", {}),
         **model.eval_metrics["test"],
         **breakdowns(model.eval_outputs["test"], list(cfg.eval.ks)),
@@ -333,4 +331,5 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_fi
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    own_network(cfg, checkpoints.explicit_overrides())  # a swapped model.net: its own name
     return prepare(cfg) if cfg.mode == "prepare" else train(cfg)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hrnn_lit.__main__ import config_keys, unknown_key_line
+from hrnn_lit.__main__ import add_hint, compose_error_line, config_keys, unknown_key_line
 from tests.conftest import TINY, compose_cfg
 from tests.test_readme import conf_groups, parse_options
 
@@ -165,3 +165,37 @@ def test_wandb_logger_passes_no_anonymous_setting_and_no_empty_keys():
     assert "anonymous" not in logger._wandb_init
     assert WandbLogger(project="p", anonymous=True)._wandb_init["anonymous"] == "allow"
     assert drop_empty_keys({"": 1, "a": {"": 2, "b": 3}, "c": 4}) == {"a": {"b": 3}, "c": 4}
+
+
+def test_an_argument_the_network_takes_gets_the_plus_hint(tmp_path):
+    """model.net holds the network's own arguments: one the config leaves out is added
+    with +, and the line says so (the network takes it)."""
+    swap = "model.net={_target_:hrnn_lit.models.attention_hrnn.AttentionHRNN}"
+    p = cli(["model=session_rnn", swap, "model.net.memory=3", f"hydra.run.dir={tmp_path}"])
+    assert p.returncode == 2
+    assert p.stderr == (
+        "error: unknown key model.net.memory; hrnn_lit.models.attention_hrnn.AttentionHRNN "
+        "takes memory: add it with +model.net.memory=3\n"
+    )
+
+
+def test_unknown_key_hints():
+    msg = "Could not override '{}'. Key is not in struct"
+    swap = "model.net={_target_:hrnn_lit.models.attention_hrnn.AttentionHRNN}"
+    line = compose_error_line(msg.format("model.net.memroy"),
+                              [*TINY, "model=session_rnn", swap, "model.net.memroy=3"])  # fmt: skip
+    assert line == "error: unknown key model.net.memroy; did you mean +model.net.memory=3?"
+    line = compose_error_line(msg.format("model.net.history"),
+                              ["model=session_rnn", "model.net={_target_:nowhere.Net}",
+                               "model.net.history=ids"])  # fmt: skip
+    assert line == (
+        "error: unknown key model.net.history; a key model.net leaves out is added with "
+        "+model.net.history=ids"
+    )
+    # a typo of a key the config has keeps its suggestion; no hint where none fits
+    line = compose_error_line(msg.format("model.hiden_size"), ["model.hiden_size=3"])
+    assert line == "error: unknown key model.hiden_size; did you mean model.hidden_size?"
+    assert add_hint("seed.x", "1", None) is None
+    assert unknown_key_line("model.zzz", ["model", "model.lr"], "hint") == (
+        "error: unknown key model.zzz; hint"
+    )
