@@ -38,7 +38,7 @@ def test_a_swapped_network_records_its_own_name_and_config(tmp_path):
     res = run(compose_cfg(["logger=none", "model=session_rnn", TIED], tmp_path))
     assert res["model"] == "TiedNet" and res["engine"] == "autograd"
     model = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     saved = ckpt[RECORD_KEY]["model_config"]
     for recorded in (model, saved):
         assert recorded["name"] == "TiedNet"
@@ -52,14 +52,9 @@ def test_a_swapped_network_records_its_own_name_and_config(tmp_path):
     assert again["test/recall@20"] == pytest.approx(res["test/recall@20"], abs=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs module.py: save_hyperparameters ignoring the "
-    "built-in network's keys when net is given (see the branch's report)",
-)
 def test_a_swapped_networks_checkpoint_hyperparameters_are_its_own(tmp_path):
     run(compose_cfg(["logger=none", "model=session_rnn", TIED], tmp_path))
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert not set(BUILTIN_NET_KEYS) & set(ckpt["hyper_parameters"])
 
 

@@ -33,6 +33,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from hrnn_lit import distributed
+from hrnn_lit.config import BUILTIN_NET_KEYS
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import Evaluation
@@ -137,7 +138,10 @@ class RecurrentRecommender(pl.LightningModule):
         super().__init__()
         if net is not None and not isinstance(net, dict):
             net = OmegaConf.to_container(net, resolve=True)  # plain: checkpoints load safely
-        self.save_hyperparameters(ignore=["item_counts"])
+        # a custom network's keys are its own (under net), not this signature's defaults
+        self.save_hyperparameters(
+            ignore=["item_counts", *(BUILTIN_NET_KEYS if net is not None else ())]
+        )
         self.automatic_optimization = False
         if loss not in LOSSES:
             raise ConfigError(f"model.loss must be one of {sorted(LOSSES)}, got {loss!r}")
