@@ -307,7 +307,7 @@ class RecurrentRecommender(pl.LightningModule):
                     loss = self.loss_fn(scores, valid[t])
                 for p in params:  # = opt.zero_grad(set_to_none=True)
                     p.grad = None
-                self.manual_backward(loss * shares[t])
+                self.manual_backward(loss, gradient=shares[t])  # d/d weights of loss x share
                 if self._world_size > 1:  # data-parallel: average gradients over ranks
                     distributed.average_gradients(params, max_rows=self._sparse_rows(cand))
                 if hp.clip_grad_norm > 0:

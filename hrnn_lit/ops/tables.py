@@ -10,16 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hrnn_lit.models import native
 
 
 def distinct(items: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """``torch.unique(items, return_inverse=True)`` of items [N] in [0, n): on CPU from a
-    bitset (``native.distinct_rows``) where that is faster than a sort."""
-    if items.device.type == "cpu":
-        out = native.distinct_rows(items.view(1, -1), n)
-        if out is not None:
-            return out[0], out[1].view(-1)
+    """``torch.unique(items, return_inverse=True)`` of items [N] in [0, n): the sorted
+    distinct items and each entry's index into them."""
     return torch.unique(items, return_inverse=True)
 
 
