@@ -120,12 +120,12 @@ def test_logq_bias_of_targets_and_samples():
     logq * log(count ** alpha) (the drawing weights, unnormalised)."""
     counts = np.array([1, 4, 9, 100])
     m = RecurrentRecommender(n_items=4, item_counts=counts, logq=0.8, sample_alpha=0.5)
-    bias = m._logq_bias(torch.tensor([[1, 3, 2, 2, 0]]), 2)
+    bias = m.sampler.logq_bias(torch.tensor([[1, 3, 2, 2, 0]]), 2, torch.float32)
     want = [0.8 * math.log(4), 0.8 * math.log(100), 0.4 * math.log(9), 0.4 * math.log(9), 0.0]
     torch.testing.assert_close(bias, torch.tensor([want]))
     assert (
-        RecurrentRecommender(n_items=4, item_counts=counts)._logq_bias(
-            torch.tensor([[1, 2]]), 1
+        RecurrentRecommender(n_items=4, item_counts=counts).sampler.logq_bias(
+            torch.tensor([[1, 2]]), 1, torch.float32
         )
         is None
     )

@@ -14,6 +14,7 @@ import torch
 
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.models import native
+from hrnn_lit.models.loss_checks import LossChecks
 from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.run import run
 from tests.conftest import TINY, compose_cfg
@@ -112,12 +113,12 @@ def test_nan_loss_stops_with_message_and_keeps_good_checkpoint(
 def test_deferred_checks_leave_no_chunk_unchecked(monkeypatch):
     checked = []
     monkeypatch.setattr(RecurrentRecommender, "_checks_behind", lambda self: 1)
-    real = RecurrentRecommender._check_chunk
+    real = LossChecks._check_chunk
     monkeypatch.setattr(
-        RecurrentRecommender,
+        LossChecks,
         "_check_chunk",
-        lambda self, losses, epoch, batch, first: (
-            checked.append((epoch, batch)) or real(self, losses, epoch, batch, first)
+        lambda self, losses, epoch, batch, first, kept: (
+            checked.append((epoch, batch)) or real(self, losses, epoch, batch, first, kept)
         ),
     )
     dm = small_dm()
@@ -129,7 +130,7 @@ def test_deferred_checks_leave_no_chunk_unchecked(monkeypatch):
     trainer.fit(model, datamodule=dm)
     n = trainer.num_training_batches
     assert checked == [(e, b) for e in range(2) for b in range(n)]  # in order, each once
-    assert model._unchecked == []
+    assert model.checks.unchecked == []
 
 
 def write_events(path: Path, sessions: dict[str, list[list[int]]]) -> None:

@@ -44,9 +44,8 @@ from hrnn_lit.models.engine import build_net, resolve_engine
 from hrnn_lit.models.loss_checks import LossChecks
 from hrnn_lit.models.losses import LOSSES
 from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
-from hrnn_lit.models.sampling import PopularitySampler
 from hrnn_lit.ops.activations import ranking_activation
-from hrnn_lit.ops.candidates import chunk_candidates
+from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
 
 EVAL_BLOCK_SCORES = 4 << 20  # reference evaluation: scores per block of rows
@@ -176,8 +175,7 @@ class RecurrentRecommender(pl.LightningModule):
             self.loss_fn = functools.partial(ranking_loss, loss=loss, bpreg=bpreg)
         counts = np.ones(n_items, np.int64) if item_counts is None else np.asarray(item_counts)
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
-        self._sampler: PopularitySampler | None = None
-        self._log_counts: Tensor | None = None
+        self.sampler = CandidateSampler(self.item_counts, n_sample, sample_alpha, logq)
         self._train_state: api.State | None = None
         self.checks = LossChecks()
         self._eval_state: api.State | None = None
@@ -255,18 +253,6 @@ class RecurrentRecommender(pl.LightningModule):
         bf16 = trainer is not None and _bf16_mixed(trainer.precision_plugin)
         return torch.bfloat16 if bf16 else None
 
-    def _candidates(self, target: Tensor) -> Tensor:
-        """A chunk's candidate items [T, B + S]: the slots' targets, then S samples drawn by
-        popularity ** sample_alpha."""
-        n_sample = self.hparams.n_sample
-        if n_sample == 0:
-            return target
-        if self._sampler is None:
-            self._sampler = PopularitySampler(
-                self.item_counts.cpu().numpy(), self.hparams.sample_alpha
-            ).to(target.device)
-        return torch.cat([target, self._sampler.draw((target.shape[0], n_sample))], dim=1)
-
     def training_step(self, batch: Chunk, batch_idx: int) -> None:
         """One update per time step (no back-propagation through time): the start rules,
         one step, the loss of the candidates' scores, ``manual_backward`` of the loss times
@@ -276,8 +262,8 @@ class RecurrentRecommender(pl.LightningModule):
         net, hp = self.net, self.hparams
         inp, valid = batch.input, batch.valid
         T, B = inp.shape
-        cand = self._candidates(batch.target)  # [T, B + S]
-        logq = self._logq_bias(cand, B)
+        cand = self.sampler.draw(batch.target)  # [T, B + S]
+        logq = self.sampler.logq_bias(cand, B, self.dtype)
         if self.fused:  # the fused op picks its own dtypes (mm_dtype)
             steps = chunk_candidates(cand, valid, self.item_counts.numel())
             precision = torch.autocast(inp.device.type, enabled=False)
@@ -316,7 +302,7 @@ class RecurrentRecommender(pl.LightningModule):
                 losses[t] = loss.detach()
         self._train_state = api.detach(state)
         self.checks.add(losses, self.current_epoch, batch_idx, self.global_step - T)
-        self._check_finite(1 if self.device.type == "cuda" else 0)  # a sync per chunk
+        self._check_finite(self._checks_behind())  # one host sync per chunk, not per step
         n_valid = valid.sum(1).to(losses.dtype)  # [T] events per time step
         loss = (losses * n_valid).sum() / n_valid.sum().clamp(min=1)  # per event, not step
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch.n_events)
@@ -335,19 +321,9 @@ class RecurrentRecommender(pl.LightningModule):
         tied = getattr(self.net, "input_mode", None) == "constrained"
         return cand.shape[1] + (cand.shape[1] - self.hparams.n_sample if tied else 0)
 
-    def _logq_bias(self, cand: Tensor, B: int) -> Tensor | None:
-        """The logQ correction of a chunk's candidate columns [T, B + S] (None where
-        ``logq`` is 0), subtracted from their training scores: ``logq * log q(item)`` with q
-        the column's drawing weight, as in the official GRU4Rec code: the slots' targets
-        (in-batch negatives for the other slots) come from the data, q = count; the samples
-        from the sampler, q = count ** sample_alpha (both unnormalised)."""
-        logq = self.hparams.logq
-        if not logq:
-            return None
-        if self._log_counts is None:
-            self._log_counts = self.item_counts.to(torch.float32).clamp(min=1).log()
-        log_c = self._log_counts.to(cand.device, self.dtype)[cand]  # [T, B + S]
-        return torch.cat([logq * log_c[:, :B], (logq * self.hparams.sample_alpha) * log_c[:, B:]], 1)
+    def _checks_behind(self) -> int:
+        """How many chunks' loss checks may wait: 1 on CUDA (``LossChecks``), else 0."""
+        return 1 if self.device.type == "cuda" else 0
 
     def on_train_epoch_end(self) -> None:
         self._check_finite()

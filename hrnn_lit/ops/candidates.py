@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from hrnn_lit.models import native
+from hrnn_lit.models.sampling import PopularitySampler
 
 
 class Candidates(NamedTuple):
@@ -71,3 +72,35 @@ def chunk_candidates(candidates: Tensor, valid: Tensor, n: int) -> list[Candidat
 def step_candidates(candidates: Tensor, valid: Tensor, n: int) -> Candidates:
     """``chunk_candidates`` of one step's candidates [N]."""
     return chunk_candidates(candidates[None], valid[None], n)[0]
+
+
+class CandidateSampler:
+    """A chunk's candidates: the slots' targets (in-batch negatives for the other slots),
+    then ``n_sample`` items drawn by popularity ** ``alpha``, and their logQ correction
+    (``logq * log q(item)``, q the column's drawing weight as in the official GRU4Rec code:
+    q = count for the targets, which come from the data; count ** alpha for the samples;
+    both unnormalised), subtracted from their training scores. ``counts`` [n_items]."""
+
+    def __init__(self, counts: Tensor, n_sample: int, alpha: float, logq: float):
+        self.counts, self.n_sample, self.alpha, self.logq = counts, n_sample, alpha, logq
+        self._sampler: PopularitySampler | None = None
+        self._log_counts: Tensor | None = None
+
+    def draw(self, target: Tensor) -> Tensor:
+        """Candidates [T, B + S] of the targets [T, B]."""
+        if self.n_sample == 0:
+            return target
+        if self._sampler is None:
+            self._sampler = PopularitySampler(self.counts.cpu().numpy(), self.alpha)
+            self._sampler.to(target.device)
+        samples = self._sampler.draw((target.shape[0], self.n_sample))
+        return torch.cat([target, samples], dim=1)
+
+    def logq_bias(self, cand: Tensor, B: int, dtype: torch.dtype) -> Tensor | None:
+        """The logQ correction [T, B + S] of candidates ``cand`` (None where logq is 0)."""
+        if not self.logq:
+            return None
+        if self._log_counts is None:
+            self._log_counts = self.counts.to(torch.float32).clamp(min=1).log()
+        log_c = self._log_counts.to(cand.device, dtype)[cand]  # [T, B + S]
+        return torch.cat([self.logq * log_c[:, :B], (self.logq * self.alpha) * log_c[:, B:]], 1)
