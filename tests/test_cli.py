@@ -72,7 +72,7 @@ def _constants() -> dict[str, set[str]]:
         "model.loss": names("hrnn_lit.models.losses", "LOSSES"),
         "model.optimizer": names("hrnn_lit.models.optim", "KINDS"),
         "model.user_propagation": names("hrnn_lit.models.core", "PROPAGATIONS"),
-        "model.final_act": names("hrnn_lit.models.core", "ACTIVATIONS"),
+        "model.final_act": names("hrnn_lit.ops.activations", "ACTIVATIONS"),
         "eval.ties": names("hrnn_lit.evaluation.metrics", "TIES"),
         "data.fit_split": names("hrnn_lit.data.datamodule", "FIT_SPLITS"),
         "trainer.precision": names("hrnn_lit.config", "PRECISIONS") - {"32"},  # "32": alias
@@ -90,8 +90,8 @@ def test_help_gives_the_allowed_values_the_code_accepts(help_page):
     # parametrised activations are shown as patterns (elu-<a>): their kinds must match
     acts = shown.get("model.final_act", set())
     shown["model.final_act"] = {a for a in acts if "<" not in a}
-    core = importlib.import_module("hrnn_lit.models.core")
-    assert {a.split("-")[0] for a in acts if "<" in a} == set(getattr(core, "PARAMETRIC", {}))
+    acts_mod = importlib.import_module("hrnn_lit.ops.activations")
+    assert {a.split("-")[0] for a in acts if "<" in a} == set(acts_mod.PARAMETRIC)
     assert shown == _constants()
 
 
