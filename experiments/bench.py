@@ -254,10 +254,10 @@ def catalogue(dm, size: int | None):
 
 def model_kwargs(s: Setting, model: str) -> dict:
     if model == "attention_hrnn":  # the example network of the model API
-        net = "hrnn_lit.models.attention_hrnn.AttentionHRNN"
+        net = "hrnn_lit.nets.attention_hrnn.AttentionHRNN"
         return dict(net={"_target_": net, "hidden_size": s.hidden})
     if model == "hrnn_history":
-        net = "hrnn_lit.models.history.HistoryHRNN"
+        net = "hrnn_lit.nets.history.HistoryHRNN"
         return dict(net={"_target_": net, "hidden_size": s.hidden, "user_hidden_size": s.hidden})
     hier = model != "session_rnn"
     return dict(
@@ -425,11 +425,11 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
     import torch
 
     from hrnn_lit.models import update
-    from hrnn_lit.models.core import RecurrentCore
+    from hrnn_lit.nets.recurrent import RecurrentCore
     from hrnn_lit.models.graph_step import GraphStep, chunk_inputs
-    from hrnn_lit.models.losses import distinct_loss_and_grad, loss_and_grad
-    from hrnn_lit.models.optim import SparseRowOptimizer
-    from hrnn_lit.models.sampling import PopularitySampler
+    from hrnn_lit.ops.losses import distinct_loss_and_grad, loss_and_grad
+    from hrnn_lit.ops.optim import SparseRowOptimizer
+    from hrnn_lit.ops.sampling import PopularitySampler
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -20,6 +20,15 @@ from hrnn_lit.errors import ConfigError
 
 RECORD_KEY = "hrnn_lit_run"  # what RunRecord adds to a checkpoint: model config, W&B run id
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")  # applied to a resumed optimiser
+# network classes that moved (issue 27's layout): checkpoints name them by their old path
+MOVED = {
+    f"hrnn_lit.models.{old}": f"hrnn_lit.nets.{new}"
+    for old, new in (
+        ("attention_hrnn.AttentionHRNN", "attention_hrnn.AttentionHRNN"),
+        ("history.HistoryHRNN", "history.HistoryHRNN"),
+        ("core.RecurrentCore", "recurrent.RecurrentCore"),
+    )
+}
 # hyperparameters that only matter while training: a mode=test run may differ in them
 TRAINING_ONLY = (
     "lr", "momentum", "weight_decay", "clip_grad_norm", "optimizer", "loss", "bpreg",
@@ -229,6 +238,9 @@ def model_config_for_test(cfg: DictConfig, ckpt: dict, path: Path) -> str | None
                 + "): drop model= to use the checkpoint's model config"
             )
     model = OmegaConf.create(copy.deepcopy(saved))
+    moved = MOVED.get(OmegaConf.select(model, "net._target_") or "")
+    if moved:  # a network class of an earlier layout: the same class, now here
+        model.net._target_ = moved
     for o in overrides:  # model.key=value on the command line: its composed value
         if o.startswith(("model.", "+model.", "++model.")) and "=" in o:
             key = o.lstrip("+").split("=", 1)[0]

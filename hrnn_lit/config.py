@@ -8,10 +8,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
-from hrnn_lit.models.core import ACTIVATIONS, PROPAGATIONS, RESETS, parse_activation
+from hrnn_lit.nets.recurrent import ACTIVATIONS, PROPAGATIONS, RESETS, parse_activation
 from hrnn_lit.models.engine import ENGINES, REMOVED, resolve_engine
-from hrnn_lit.models.losses import LOSSES
-from hrnn_lit.models.optim import KINDS as OPTIMIZERS
+from hrnn_lit.ops.losses import LOSSES
+from hrnn_lit.ops.optim import KINDS as OPTIMIZERS
 
 MODES = ("train", "test", "prepare")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "64-true")  # 64-true: float64, reference checks

@@ -69,9 +69,9 @@ def _constants() -> dict[str, set[str]]:
 
     out = {
         "mode": names("hrnn_lit.config", "MODES"),
-        "model.loss": names("hrnn_lit.models.losses", "LOSSES"),
-        "model.optimizer": names("hrnn_lit.models.optim", "KINDS"),
-        "model.user_propagation": names("hrnn_lit.models.core", "PROPAGATIONS"),
+        "model.loss": names("hrnn_lit.ops.losses", "LOSSES"),
+        "model.optimizer": names("hrnn_lit.ops.optim", "KINDS"),
+        "model.user_propagation": names("hrnn_lit.nets.recurrent", "PROPAGATIONS"),
         "model.final_act": names("hrnn_lit.ops.activations", "ACTIVATIONS"),
         "eval.ties": names("hrnn_lit.evaluation.metrics", "TIES"),
         "data.fit_split": names("hrnn_lit.data.datamodule", "FIT_SPLITS"),
@@ -170,18 +170,18 @@ def test_wandb_logger_passes_no_anonymous_setting_and_no_empty_keys():
 def test_an_argument_the_network_takes_gets_the_plus_hint(tmp_path):
     """model.net holds the network's own arguments: one the config leaves out is added
     with +, and the line says so (the network takes it)."""
-    swap = "model.net={_target_:hrnn_lit.models.attention_hrnn.AttentionHRNN}"
+    swap = "model.net={_target_:hrnn_lit.nets.attention_hrnn.AttentionHRNN}"
     p = cli(["model=session_rnn", swap, "model.net.memory=3", f"hydra.run.dir={tmp_path}"])
     assert p.returncode == 2
     assert p.stderr == (
-        "error: unknown key model.net.memory; hrnn_lit.models.attention_hrnn.AttentionHRNN "
+        "error: unknown key model.net.memory; hrnn_lit.nets.attention_hrnn.AttentionHRNN "
         "takes memory: add it with +model.net.memory=3\n"
     )
 
 
 def test_unknown_key_hints():
     msg = "Could not override '{}'. Key is not in struct"
-    swap = "model.net={_target_:hrnn_lit.models.attention_hrnn.AttentionHRNN}"
+    swap = "model.net={_target_:hrnn_lit.nets.attention_hrnn.AttentionHRNN}"
     line = compose_error_line(msg.format("model.net.memroy"),
                               [*TINY, "model=session_rnn", swap, "model.net.memroy=3"])  # fmt: skip
     assert line == "error: unknown key model.net.memroy; did you mean +model.net.memory=3?"

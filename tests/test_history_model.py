@@ -1,4 +1,4 @@
-"""hrnn_history (hrnn_lit/models/history.py): the repeat mechanism's invariants, its
+"""hrnn_history (hrnn_lit/nets/history.py): the repeat mechanism's invariants, its
 gradients against float64, a real run, and the independent-sessions control data."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 
 from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.synthetic import generate_events
-from hrnn_lit.models.api import Starts
-from hrnn_lit.models.history import HistoryHRNN
-from hrnn_lit.models.losses import LOSSES
+from hrnn_lit.nets.api import Starts
+from hrnn_lit.nets.history import HistoryHRNN
+from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.run import run
 from tests.conftest import CONF, TINY
@@ -160,7 +160,7 @@ def test_a_user_who_repeats_one_item_gets_it_ranked_first():
     )  # fmt: skip
     dm.setup("fit")
     torch.manual_seed(0)
-    net = {"_target_": "hrnn_lit.models.history.HistoryHRNN", "hidden_size": 16,
+    net = {"_target_": "hrnn_lit.nets.history.HistoryHRNN", "hidden_size": 16,
            "user_hidden_size": 16}  # fmt: skip
     model = RecurrentRecommender(
         n_items=dm.n_items, item_counts=dm.item_counts, net=net, loss="cross-entropy",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hrnn_lit.models.losses import (
+from hrnn_lit.ops.losses import (
     bpr,
     bpr_max,
     cross_entropy,

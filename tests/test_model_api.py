@@ -21,10 +21,10 @@ from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.synthetic import generate_events
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.models import native
-from hrnn_lit.models.api import Starts
-from hrnn_lit.models.attention_hrnn import AttentionHRNN
-from hrnn_lit.models.core import RecurrentCore
-from hrnn_lit.models.losses import LOSSES
+from hrnn_lit.nets.api import Starts
+from hrnn_lit.nets.attention_hrnn import AttentionHRNN
+from hrnn_lit.nets.recurrent import RecurrentCore
+from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.models.module import RecurrentRecommender
 from tests.conftest import TINY
 
@@ -156,7 +156,7 @@ def test_engine_choice_and_one_line_errors():
     dm_items = 50
     assert RecurrentRecommender(n_items=dm_items).fused  # auto, scores with score_factors
     assert not RecurrentRecommender(n_items=dm_items, engine="autograd").fused
-    net = {"_target_": "hrnn_lit.models.attention_hrnn.AttentionHRNN", "hidden_size": 8}
+    net = {"_target_": "hrnn_lit.nets.attention_hrnn.AttentionHRNN", "hidden_size": 8}
     assert not RecurrentRecommender(n_items=dm_items, net=net).fused
     with pytest.raises(ConfigError, match="model.engine=manual: the hand-written update was retired"):
         RecurrentRecommender(n_items=dm_items, engine="manual")
@@ -236,12 +236,12 @@ def test_a_users_model_from_outside_the_repo_trains_through_searchpath_and_targe
     pkg = tmp_path / "mymodels"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    shutil.copy(REPO / "hrnn_lit/models/attention_hrnn.py", pkg / "attn.py")
+    shutil.copy(REPO / "hrnn_lit/nets/attention_hrnn.py", pkg / "attn.py")
     conf = tmp_path / "myconf" / "model"
     conf.mkdir(parents=True)
     yaml = (REPO / "conf/model/attention_hrnn.yaml").read_text()
     yaml = yaml.replace(
-        "hrnn_lit.models.attention_hrnn.AttentionHRNN", "mymodels.attn.AttentionHRNN"
+        "hrnn_lit.nets.attention_hrnn.AttentionHRNN", "mymodels.attn.AttentionHRNN"
     )
     (conf / "my_attention.yaml").write_text(yaml.replace("name: attention_hrnn", "name: mine"))
     res = _run_cli(

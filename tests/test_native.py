@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hrnn_lit.models import native
-from hrnn_lit.models.optim import SparseRowOptimizer
+from hrnn_lit.ops.optim import SparseRowOptimizer
 
 
 @pytest.fixture

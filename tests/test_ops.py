@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hrnn_lit.models import native
-from hrnn_lit.models.api import ScoreFactors, linear_scores
-from hrnn_lit.models.losses import LOSSES
-from hrnn_lit.models.optim import _rows
+from hrnn_lit.nets.api import ScoreFactors, linear_scores
+from hrnn_lit.ops.losses import LOSSES
+from hrnn_lit.ops.optim import _rows
 from hrnn_lit.ops.activations import activation
 from hrnn_lit.ops.candidates import chunk_candidates
 from hrnn_lit.ops.gru import gru_cell

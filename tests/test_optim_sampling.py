@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
-from hrnn_lit.models.sampling import PopularitySampler
+from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
+from hrnn_lit.ops.sampling import PopularitySampler
 
 
 def run_steps(sparse: bool, opt_fn, n_steps: int = 6):
@@ -164,7 +164,7 @@ def test_sampler_items_equal_the_binary_search_for_every_u(kind, alpha):
 def test_fused_dense_adagrad_equals_the_per_tensor_update(monkeypatch, weight_decay):
     """Dense tensors go through torch's fused CPU Adagrad kernel; the update is the one of
     the per-tensor path (sparse rows are unaffected)."""
-    import hrnn_lit.models.optim as optim
+    import hrnn_lit.ops.optim as optim
 
     def make(p):
         return SparseRowOptimizer(p, "adagrad", lr=0.1, weight_decay=weight_decay)

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from hrnn_lit.errors import ConfigError
-from hrnn_lit.models.api import check_model
+from hrnn_lit.nets.api import check_model
 
 ENGINES = ("auto", "autograd")
 REMOVED = {

@@ -1,5 +1,5 @@
 """The LightningModule that trains and evaluates any network of the model API
-(``hrnn_lit.models.api``): the built-in session RNN, RNN Concat and HRNN variants
+(``hrnn_lit.nets.api``): the built-in session RNN, RNN Concat and HRNN variants
 (``RecurrentCore``) or a user's own ``model.net``.
 
 One Lightning batch is a chunk of T time steps of the user-parallel plan ([T, B] tensors).
@@ -38,12 +38,12 @@ from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import Evaluation
 from hrnn_lit.evaluation.ranking import catalogue_ranks, check_finite_catalogue
-from hrnn_lit.models import api
-from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.nets import api
+from hrnn_lit.nets.recurrent import RecurrentCore
 from hrnn_lit.models.engine import build_net, resolve_engine
 from hrnn_lit.models.loss_checks import LossChecks
-from hrnn_lit.models.losses import LOSSES
-from hrnn_lit.models.optim import SparseRowOptimizer, clip_grad_norm_
+from hrnn_lit.ops.losses import LOSSES
+from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.ops.activations import ranking_activation
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from hrnn_lit.models import native
-from hrnn_lit.models.sampling import PopularitySampler
+from hrnn_lit.ops.sampling import PopularitySampler
 
 
 class Candidates(NamedTuple):

@@ -23,8 +23,8 @@ import functools
 import torch
 from torch import Tensor
 
-from hrnn_lit.models.api import ScoreFactors
-from hrnn_lit.models.losses import LOSSES, distinct_loss_and_grad, loss_and_grad
+from hrnn_lit.nets.api import ScoreFactors
+from hrnn_lit.ops.losses import LOSSES, distinct_loss_and_grad, loss_and_grad
 from hrnn_lit.ops.activations import activation, activation_derivative
 from hrnn_lit.ops.candidates import Candidates
 from hrnn_lit.ops.tables import row_sums, sparse_rows

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hrnn_lit.models.api import ScoreFactors, Starts, State, linear_scores
+from hrnn_lit.nets.api import ScoreFactors, Starts, State, linear_scores
 from hrnn_lit.ops.activations import (  # noqa: F401 (re-exported: config, tests)
     ACTIVATIONS,
     activation,
@@ -128,7 +128,7 @@ class RecurrentCore(nn.Module):
                 self.out_u = nn.Embedding(n_items, U, sparse=True)
                 nn.init.zeros_(self.out_u.weight)
 
-    # ---- the model API (hrnn_lit.models.api): the state is (h [B, H], c [B, U])
+    # ---- the model API (hrnn_lit.nets.api): the state is (h [B, H], c [B, U])
     def initial_state(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
         h = torch.zeros(batch_size, self.hidden_size, device=device)
         c = torch.zeros(

@@ -1,5 +1,5 @@
 """HRNN with an attentive user state: a model the paper does not have, written the way a
-user writes one, on the model API only (``hrnn_lit.models.api``): this file and
+user writes one, on the model API only (``hrnn_lit.nets.api``): this file and
 ``conf/model/attention_hrnn.yaml`` are all of it; training, evaluation, sweeps and DDP
 come from hrnn_lit.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hrnn_lit.models.api import Starts
+from hrnn_lit.nets.api import Starts
 
 
 class AttentionHRNN(nn.Module):

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hrnn_lit.models.api import Starts, State
-from hrnn_lit.models.core import RecurrentCore
+from hrnn_lit.nets.api import Starts, State
+from hrnn_lit.nets.recurrent import RecurrentCore
 
 N_FEATURES = 3
 GATE_PRIOR = (1.0, 1.0, -3.0)
