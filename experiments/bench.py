@@ -423,10 +423,10 @@ def run_plain(job: Job, sync_phases: bool = False, graph: bool | None = None) ->
     forward."""
     s, model, dm, n_items, counts, args, chunks, epochs, _ = job
     import torch
+    from hrnn_lit.models.graph_step import GraphStep, chunk_inputs
 
     from hrnn_lit.models import update
     from hrnn_lit.nets.recurrent import RecurrentCore
-    from hrnn_lit.models.graph_step import GraphStep, chunk_inputs
     from hrnn_lit.ops.losses import distinct_loss_and_grad, loss_and_grad
     from hrnn_lit.ops.optim import SparseRowOptimizer
     from hrnn_lit.ops.sampling import PopularitySampler

@@ -207,8 +207,9 @@ class LastCheckpoint(ModelCheckpoint):
 class RunRecord(pl.Callback):
     """What a checkpoint carries besides Lightning's state: the model config it was built
     from (``mode=test`` rebuilds the model from it), the data plan settings (a mid-epoch
-    resume needs the same) and the W&B run id (a resumed run continues that run). On a resumed run it also applies the configured lr, momentum and
-    weight decay to the restored optimiser (``changed``: what differed)."""
+    resume needs the same) and the W&B run id (a resumed run continues that run). On a
+    resumed run it also applies the configured lr, momentum and weight decay to the restored
+    optimiser (``changed``: what differed)."""
 
     def __init__(self, model_config: dict | None = None, data: dict | None = None) -> None:
         self.model_config = model_config

@@ -281,7 +281,9 @@ def check_data(ckpt: dict, now: dict, path: Path) -> dict[str, list]:
     mid-epoch, since the rest of that epoch would be another plan's; else returned as
     {"data.key": [checkpoint's, now]} to record."""
     saved = (ckpt.get(RECORD_KEY) or {}).get("data") or {}
-    diffs = {k: [saved[k], now[k]] for k in PLAN_KEYS if k in saved and k in now and saved[k] != now[k]}
+    diffs = {
+        k: [saved[k], now[k]] for k in PLAN_KEYS if k in saved and k in now and saved[k] != now[k]
+    }
     if diffs and mid_epoch(ckpt):
         k, (a, b) = next(iter(diffs.items()))
         if k == "data_key":

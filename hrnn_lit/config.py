@@ -8,8 +8,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
-from hrnn_lit.nets.recurrent import ACTIVATIONS, PROPAGATIONS, RESETS, parse_activation
 from hrnn_lit.models.engine import ENGINES, REMOVED, resolve_engine
+from hrnn_lit.nets.recurrent import ACTIVATIONS, PROPAGATIONS, RESETS, parse_activation
 from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.ops.optim import KINDS as OPTIMIZERS
 

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 from hrnn_lit.config import validate_rnn
 from hrnn_lit.errors import ConfigError
-from hrnn_lit.nets.recurrent import RecurrentCore, activation, activation_derivative
 from hrnn_lit.models.module import RecurrentRecommender
+from hrnn_lit.nets.recurrent import RecurrentCore, activation, activation_derivative
 from tests.test_model_api import _dm, _fit_and_test
 
 

@@ -14,10 +14,10 @@ import torch
 
 from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.synthetic import generate_events
+from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.nets.api import Starts
 from hrnn_lit.nets.history import HistoryHRNN
 from hrnn_lit.ops.losses import LOSSES
-from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.run import run
 from tests.conftest import CONF, TINY
 

@@ -21,11 +21,11 @@ from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.synthetic import generate_events
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.models import native
+from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.nets.api import Starts
 from hrnn_lit.nets.attention_hrnn import AttentionHRNN
 from hrnn_lit.nets.recurrent import RecurrentCore
 from hrnn_lit.ops.losses import LOSSES
-from hrnn_lit.models.module import RecurrentRecommender
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,8 @@ def _fit_model(dm, model, trainer=None):
 
 def _fit_and_test(dm, precision: str, reference_eval: bool = False, **kw) -> tuple[dict, dict]:
     torch.manual_seed(0)
-    kw = {"hidden_size": 8, "user_hidden_size": 6, **kw}
+    if "net" not in kw:  # the built-in network's sizes
+        kw = {"hidden_size": 8, "user_hidden_size": 6, **kw}
     model = RecurrentRecommender(n_items=dm.n_items, item_counts=dm.item_counts, ks=[5, 20], **kw)
     trainer = pl.Trainer(
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -158,7 +159,7 @@ def test_engine_choice_and_one_line_errors():
     assert not RecurrentRecommender(n_items=dm_items, engine="autograd").fused
     net = {"_target_": "hrnn_lit.nets.attention_hrnn.AttentionHRNN", "hidden_size": 8}
     assert not RecurrentRecommender(n_items=dm_items, net=net).fused
-    with pytest.raises(ConfigError, match="model.engine=manual: the hand-written update was retired"):
+    with pytest.raises(ConfigError, match="model.engine=manual: the hand-written update"):
         RecurrentRecommender(n_items=dm_items, engine="manual")
     with pytest.raises(ConfigError, match="model.cuda_graph=true: the captured CUDA-graph step"):
         RecurrentRecommender(n_items=dm_items, cuda_graph=True)

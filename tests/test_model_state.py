@@ -11,8 +11,8 @@ import torch
 from hrnn_lit.data.batching import PlanDataset, build_plan
 from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.synthetic import generate_events
-from hrnn_lit.nets.api import Starts
 from hrnn_lit.models.module import RecurrentRecommender, chunk_starts
+from hrnn_lit.nets.api import Starts
 from tests.helpers import steps_for
 
 

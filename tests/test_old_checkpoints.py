@@ -30,7 +30,6 @@ def test_an_old_checkpoint_resumes(tmp_path):
     out = tmp_path / "resumed"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copy(DATA / "hrnn_init.ckpt", out / "checkpoints" / "last.ckpt")
-    cfg = compose_cfg(["logger=none", "ckpt_path=last", "trainer.max_epochs=2", *SIZES["hrnn_init"]],
-                      out)  # fmt: skip
-    results = run(cfg)
+    overrides = ["logger=none", "ckpt_path=last", "trainer.max_epochs=2", *SIZES["hrnn_init"]]
+    results = run(compose_cfg(overrides, out))
     assert results["resumed_from"]["epoch"] == 0 and 0 < results["test/recall@20"] <= 1

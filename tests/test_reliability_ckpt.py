@@ -98,7 +98,8 @@ def test_huge_lr_diverges_and_stops_with_one_line_without_a_checkpoint(tmp_path)
 
 def test_nan_stop_before_any_checkpoint_does_not_promise_one(tmp_path):
     cfg = compose_cfg(
-        [*BASE, "+callbacks.poison._target_=tests.helpers.PoisonAtBatch", "+callbacks.poison.batch=1"],
+        [*BASE, "+callbacks.poison._target_=tests.helpers.PoisonAtBatch",
+         "+callbacks.poison.batch=1"],  # fmt: skip
         tmp_path,
     )
     with pytest.raises(NumericalError) as e:
@@ -154,7 +155,9 @@ def session_rnn_ckpt(tmp_path_factory) -> Path:
 
 
 def test_mode_test_takes_the_model_config_from_the_checkpoint(tmp_path, session_rnn_ckpt):
-    done = cli(["logger=none", "mode=test", f"ckpt_path={session_rnn_ckpt}", f"hydra.run.dir={tmp_path}"])
+    done = cli(
+        ["logger=none", "mode=test", f"ckpt_path={session_rnn_ckpt}", f"hydra.run.dir={tmp_path}"]
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"mode=test: model session_rnn as configured in {session_rnn_ckpt}" in done.stdout
     assert json.loads((tmp_path / "results.json").read_text())["model"] == "session_rnn"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -30,22 +31,22 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from hrnn_lit import distributed
-from hrnn_lit.config import BUILTIN_NET_KEYS
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import Evaluation
 from hrnn_lit.evaluation.ranking import catalogue_ranks, check_finite_catalogue
-from hrnn_lit.nets import api
-from hrnn_lit.nets.recurrent import RecurrentCore
 from hrnn_lit.models.engine import build_net, resolve_engine
 from hrnn_lit.models.loss_checks import LossChecks
-from hrnn_lit.ops.losses import LOSSES
-from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
+from hrnn_lit.nets import api
+from hrnn_lit.nets.api import check_model
+from hrnn_lit.nets.recurrent import RecurrentCore
 from hrnn_lit.ops.activations import ranking_activation
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
+from hrnn_lit.ops.losses import LOSSES
+from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
 
 EVAL_BLOCK_SCORES = 4 << 20  # reference evaluation: scores per block of rows
@@ -93,37 +94,26 @@ def _bf16_mixed(plugin) -> bool:
 
 class RecurrentRecommender(pl.LightningModule):
     """A network of the model API trained with a ranking loss over in-batch + sampled
-    negatives. ``net``: a custom network's config (``_target_`` and its arguments; it gets
-    ``n_items``); None: the built-in ``RecurrentCore`` from the keys ``hidden_size`` ...
-    ``dropout_init`` (session RNN: ``user_propagation="none"``; HRNN: ``init`` / ``all``,
-    optionally ``user_to_output``)."""
+    negatives, one optimiser update per time step, and evaluated by full-catalogue ranking.
+
+    ``net``: the network, an instance or a config (``_target_`` and its arguments; built with
+    ``n_items``); None: the built-in ``RecurrentCore`` from ``network``, its keyword
+    arguments (``hidden_size``, ``user_propagation``, ...: the flat ``model.*`` keys of
+    conf/model). The other arguments are the training and evaluation keys. ``cuda_graph``:
+    retired (true stops with one line); accepted for configs and checkpoints that name it."""
 
     def __init__(
         self,
         n_items: int,
         item_counts: np.ndarray | list[int] | None = None,
         name: str = "hrnn_init",
-        net: dict | None = None,
+        net: nn.Module | dict | None = None,
         engine: str = "auto",
-        hidden_size: int = 100,
-        user_hidden_size: int = 100,
-        user_propagation: str = "init",
-        user_to_output: bool = False,
-        user_to_session_act: str = "tanh",
-        reset_at: str = "session",
-        final_act: str = "linear",
-        dropout_session: float = 0.0,
-        dropout_user: float = 0.0,
-        dropout_init: float = 0.0,
-        embedding: int = 0,
-        constrained_embedding: bool = False,
-        dropout_embed: float = 0.0,
-        dropout_hidden: float = 0.0,
-        logq: float = 0.0,
         loss: str = "top1",
         bpreg: float = 1.0,
         n_sample: int = 0,
         sample_alpha: float = 0.5,
+        logq: float = 0.0,
         optimizer: str = "adagrad",
         lr: float = 0.1,
         momentum: float = 0.0,
@@ -133,34 +123,29 @@ class RecurrentRecommender(pl.LightningModule):
         ties: str = "conservative",
         eval_block: int = 1024,
         cuda_graph: bool = False,
+        **network: Any,
     ):
         super().__init__()
-        if net is not None and not isinstance(net, dict):
+        if net is not None and not isinstance(net, (dict, nn.Module)):
             net = OmegaConf.to_container(net, resolve=True)  # plain: checkpoints load safely
-        # a custom network's keys are its own (under net), not this signature's defaults
-        self.save_hyperparameters(
-            ignore=["item_counts", *(BUILTIN_NET_KEYS if net is not None else ())]
-        )
+        instance = isinstance(net, nn.Module)  # (its arguments are not this module's)
+        self.save_hyperparameters(ignore=["item_counts", *(["net"] if instance else [])])
         self.automatic_optimization = False
         if loss not in LOSSES:
             raise ConfigError(f"model.loss must be one of {sorted(LOSSES)}, got {loss!r}")
-        self.net = build_net(net, n_items) if net is not None else RecurrentCore(
-            n_items,
-            hidden_size=hidden_size,
-            user_hidden_size=user_hidden_size,
-            user_propagation=user_propagation,
-            user_to_output=user_to_output,
-            user_to_session_act=user_to_session_act,
-            reset_at=reset_at,
-            final_act=final_act,
-            dropout_session=dropout_session,
-            dropout_user=dropout_user,
-            dropout_init=dropout_init,
-            embedding=embedding,
-            constrained_embedding=constrained_embedding,
-            dropout_embed=dropout_embed,
-            dropout_hidden=dropout_hidden,
-        )  # fmt: skip
+        if net is not None and network:
+            key = sorted(network)[0]
+            raise ConfigError(
+                f"model.{key}: a key of the built-in network, which model.net replaces (the "
+                f"network takes its own arguments, e.g. +model.net.{key}=...)"
+            )
+        if instance:
+            check_model(net)
+            self.net = net
+        elif net is not None:
+            self.net = build_net(net, n_items)
+        else:
+            self.net = RecurrentCore(n_items, **network)
         engine = resolve_engine(engine, cuda_graph)
         # the fused op for networks whose scores are a linear form of their state; else the
         # network's score and the loss op; the plain reference (the loss in torch ops) with

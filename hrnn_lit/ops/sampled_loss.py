@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from hrnn_lit.nets.api import ScoreFactors
-from hrnn_lit.ops.losses import LOSSES, distinct_loss_and_grad, loss_and_grad
 from hrnn_lit.ops.activations import activation, activation_derivative
 from hrnn_lit.ops.candidates import Candidates
+from hrnn_lit.ops.losses import LOSSES, distinct_loss_and_grad, loss_and_grad
 from hrnn_lit.ops.tables import row_sums, sparse_rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loss_fns(name: str, bpreg: float):
     kwargs = {"bpreg": bpreg} if name == "bpr-max" else {}
     return loss_and_grad(name, **kwargs), distinct_loss_and_grad(name, **kwargs)

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 
-
 def distinct(items: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """``torch.unique(items, return_inverse=True)`` of items [N] in [0, n): the sorted
     distinct items and each entry's index into them."""
