@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,19 +202,21 @@ def test_gru_forward_rounds_like_torch(fresh, K):
     assert ((got[1] >= 0) & (got[1] <= 1)).all() and (got[2].abs() <= 1).all()
 
 
-def test_gru_backward_matches_torch_ops(fresh):
+def test_gru_backward_matches_float64_autograd(fresh):
+    """d gi and d gh of the native backward (from float32 gates) against autograd through
+    the float64 cell."""
     if native.load() is None:
         pytest.skip("no C compiler here")
-    from hrnn_lit.models import update
-
     gi, gh, h = gru_inputs(32, 7)
     dh = torch.randn(32, 7, generator=torch.Generator().manual_seed(1))
-    h_new, g = update._gru(gi, gh, h)
-    got = native.gru_backward(dh, h, g["rz"], g["n"], gh)
-    torch_path = update._gru_backward(dh.double(), {k: v.double() for k, v in g.items()})
-    for a, b in zip(got, torch_path):
-        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
-    assert native.gru_backward(dh.double(), h, g["rz"], g["n"], gh) is None
+    _, rz, n = native.gru_forward(gi, gh, h)
+    got = native.gru_backward(dh, h, rz, n, gh)
+    gi64, gh64 = gi.double().requires_grad_(), gh.double().requires_grad_()
+    h_new = gru_reference(gi64, gh64, h.double())[0]
+    ref = torch.autograd.grad(h_new, (gi64, gh64), dh.double())
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    assert native.gru_backward(dh.double(), h, rz, n, gh) is None
 
 
 def test_gru_rows_do_not_depend_on_the_other_rows_or_threads(fresh):
@@ -332,10 +335,29 @@ def test_without_a_compiler_warns_once_and_trains_with_torch_ops(fresh, monkeypa
 
 
 def test_a_failing_build_warns_and_leaves_no_library(fresh, monkeypatch):
-    monkeypatch.setattr(native, "SOURCE", "this is not C;")
+    bad = fresh / "bad.c"
+    bad.write_text("this is not C;")
+    monkeypatch.setattr(native, "SOURCE_FILE", bad)
     with pytest.warns(RuntimeWarning, match="failed"):
         assert native.load() is None
     assert not list((fresh / "hrnn_lit" / "native").glob("*.so"))
+
+
+def test_the_c_source_is_a_file_and_its_text_is_in_the_cache_key(fresh, monkeypatch):
+    """The kernels' source is the package's .c file (shipped as package data); an edit
+    of its text builds a new library instead of loading the old one."""
+    assert native.SOURCE_FILE.suffix == ".c" and native.SOURCE_FILE.is_file()
+    assert native.SOURCE_FILE.parent == Path(native.__file__).parent
+    assert "int adagrad_rows(" in native.SOURCE_FILE.read_text()
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        pytest.skip("no C compiler here")
+    lib = native._build(cc)
+    edited = fresh / "edited.c"
+    edited.write_text(native.SOURCE_FILE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(native, "SOURCE_FILE", edited)
+    other = native._build(cc)
+    assert other != lib and other.exists() and lib.exists()
 
 
 def test_the_build_is_cached(fresh, monkeypatch):
