@@ -356,6 +356,17 @@ def bench_config(name: str, args) -> dict:
     }
 
 
+def native_kernels() -> bool | None:
+    """Whether the checkout's native CPU kernels load (built here, before any timing, on a
+    first run); None where it has none."""
+    import importlib
+
+    for where in ("hrnn_lit.models.native", "hrnn_lit.ops.native"):
+        with contextlib.suppress(ImportError):
+            return importlib.import_module(where).load() is not None
+    return None
+
+
 def worker(names: list[str], args) -> dict:
     import logging
     import warnings
@@ -373,6 +384,7 @@ def worker(names: list[str], args) -> dict:
     keep_freed_memory()  # as hrnn_lit.run does for every training run
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    kernels = native_kernels()
     out = {}
     for name in names:
         t0 = time.perf_counter()
@@ -381,7 +393,7 @@ def worker(names: list[str], args) -> dict:
         except Exception as e:  # recorded: the other configs still run
             _log(f"{name}: {type(e).__name__}: {e}")
             out[name] = {"error": f"{type(e).__name__}: {e}"}
-        out[name]["wall_s"] = time.perf_counter() - t0
+        out[name] |= {"wall_s": time.perf_counter() - t0, "native_kernels": kernels}
     return out
 
 
@@ -606,8 +618,6 @@ def main(argv: list[str] | None = None) -> int:
     import pytorch_lightning
     import torch
 
-    from hrnn_lit.models import native
-
     res = {n: res[n] for n in names}
     vs = compute_vs_baseline(res, base) if old else {}
     ratios = compute_ratios(res)
@@ -619,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_model": platform.processor() or platform.machine(), "threads": args.threads,
         "repeats": args.repeats, "epochs": args.epochs, "warmup": args.warmup,
         "quick": args.quick, "torch": torch.__version__,
-        "lightning": pytorch_lightning.__version__, "native_kernels": native.load() is not None,
+        "lightning": pytorch_lightning.__version__, "native_kernels": native_kernels(),
         "baseline": {"rev": args.baseline_rev, "commit": old[1]} if old else None,
         "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
         "total_s": time.perf_counter() - t0,
