@@ -78,10 +78,7 @@ GEN = dict(  # ~347k events, ~19.1k items (the catalogue padded to 20k), 9k user
 )  # fmt: skip
 QUICK_GEN = dict(n_users=300, n_items=2200, n_hot=300, group_pool_size=50)
 QUICK_DEFAULT = ["data.source.n_users=300"]  # the default data's quick size
-NETS = {  # networks written on the model API: conf name -> class
-    "attention_hrnn": "hrnn_lit.models.attention_hrnn.AttentionHRNN",
-    "hrnn_history": "hrnn_lit.models.history.HistoryHRNN",
-}
+NETS = ("attention_hrnn", "hrnn_history")  # networks on the model API (their conf's class)
 
 
 @dataclass(frozen=True)
@@ -205,8 +202,8 @@ def model_config(cfg: Config, s: Setting):
     root = compose([f"model={cfg.model}"])
     keys = dict(loss=s.loss, n_sample=s.n_sample, sample_alpha=0.5, optimizer="adagrad",
                 lr=LR, engine=cfg.engine, **dict(s.model))  # fmt: skip
-    if cfg.model in NETS:
-        net = {"_target_": NETS[cfg.model], "hidden_size": s.hidden}
+    if cfg.model in NETS:  # the class where the checkout has it; the sizes only
+        net = {"_target_": root.model.net._target_, "hidden_size": s.hidden}
         if cfg.model == "hrnn_history":
             net["user_hidden_size"] = s.hidden
         keys["net"] = net
