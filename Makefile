@@ -3,7 +3,7 @@ PYTHON ?= python
 # CPU-only machine this takes the CPU wheel of torch 2.13.0 (see README for GPU set-up).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint bench bench-official bench-data bench-contention run docs
+.PHONY: install test lint bench bench-compare bench-official bench-data bench-contention run docs
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -18,8 +18,17 @@ lint:
 run:
 	$(PYTHON) -m hrnn_lit
 
+# Training and evaluation events/s through the public API (experiments/bench.py; 2 torch
+# threads as the issue's figures; BENCH_ARGS="--quick" for a smoke run)
+BENCH_ARGS ?= --threads 2
 bench:
-	$(PYTHON) experiments/bench.py --json bench.json
+	$(PYTHON) experiments/bench.py $(BENCH_ARGS) --json bench.json
+
+# This checkout and BASE (any git revision, e.g. 23d3f7c) side by side in one run: a
+# temporary worktree of BASE, the two measured alternately per config; ratios in bench.json
+bench-compare:
+	@test -n "$(BASE)" || { echo "usage: make bench-compare BASE=<git revision>" >&2; exit 2; }
+	$(PYTHON) experiments/bench.py $(BENCH_ARGS) --baseline-rev "$(BASE)" --json bench.json
 
 # The official GRU4Rec code (OFFICIAL=its checkout, never vendored) vs ours, both engines,
 # on config (a): ratios merged into bench.json (key official_comparison)

@@ -3,11 +3,14 @@
 Exports the data of ``bench.py``'s config (a) (train and test splits, as TAB-separated
 SessionId / ItemId / Time files) and, with ``--official``, runs that code's ``run.py`` on
 them with config (a)'s settings (cross-entropy, one GRU layer of 100, B=128, 2048 negatives
-by popularity^0.5, lr 0.1, one-hot input: ``embedding=0, constrained_embedding=False``) on
-the CPU with ``--threads`` threads, and prints its training and evaluation events/s next
-to ours from ``bench.py`` (config (a): the manual and the autograd engine, and the example
-model on the model API) in the same process tree; ``--json bench.json`` merges the
-comparison into the bench's results (key ``official_comparison``).
+by popularity^0.5, lr 0.1) on the CPU with ``--threads`` threads, and prints its training
+and evaluation events/s next to ours from ``bench.py`` (the same settings, the one training
+path and its plain autograd reference) in the same process tree; ``--json bench.json``
+merges the comparison into the bench's results (key ``official_comparison``).
+
+``--recipe full`` (the default) is the official code's full cross-entropy recipe: logQ 1 and
+the tied (constrained) item embedding, ours ``a_gru4rec_xe``; ``--recipe onehot`` is one-hot
+input without logQ, ours ``a_session_rnn``.
 
 The official code is not part of this project: clone
 https://github.com/hidasib/GRU4Rec_PyTorch_Official yourself (it needs pandas). Under
@@ -34,11 +37,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-PARAMS = (
+PARAMS = (  # the official run.py's -ps, config (a)'s settings; {recipe}: RECIPES' values
     "loss=cross-entropy,layers=100,batch_size=128,n_sample=2048,sample_alpha=0.5,"
-    "n_epochs={epochs},embedding=0,constrained_embedding=False,learning_rate=0.1,"
-    "momentum=0.0,elu_param=0"
+    "n_epochs={epochs},embedding=0,{recipe},learning_rate=0.1,momentum=0.0,elu_param=0"
 )
+RECIPES = {  # name: (the official code's parameters, ours: bench.py configs)
+    "full": ("constrained_embedding=True,logq=1.0", ["a_gru4rec_xe", "a_gru4rec_xe_autograd"]),
+    "onehot": (
+        "constrained_embedding=False,logq=0.0",
+        ["a_session_rnn", "a_session_rnn_autograd"],
+    ),
+}
+
+
+def params(recipe: str, epochs: int) -> str:
+    return PARAMS.format(epochs=epochs, recipe=RECIPES[recipe][0])
 
 
 def export(out: Path, quick: bool = False) -> dict[str, int]:
@@ -60,11 +73,13 @@ def export(out: Path, quick: bool = False) -> dict[str, int]:
     return {"test_predictions": test.height - test["session"].n_unique()}
 
 
-def run_official(official: Path, data: Path, threads: int, epochs: int, n_pred: int) -> dict:
+def run_official(
+    official: Path, data: Path, threads: int, epochs: int, n_pred: int, recipe: str
+) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [
         sys.executable, str(official / "run.py"), str(data / "train.tsv"),
-        "-ps", PARAMS.format(epochs=epochs), "-d", "cpu", "-t", str(data / "test.tsv"),
+        "-ps", params(recipe, epochs), "-d", "cpu", "-t", str(data / "test.tsv"),
         "-m", "20",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -87,10 +102,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2, help="official code's epochs")
     ap.add_argument("--quick", action="store_true", help="tiny data (a smoke test)")
-    ap.add_argument(
-        "--configs", nargs="+", default=["a_session_rnn", "a_session_rnn_autograd",
-        "a_hrnn_init_autograd", "a_attention_hrnn"], help="bench.py configs of ours",
-    )  # fmt: skip
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="full")
+    ap.add_argument("--configs", nargs="+", help="bench.py configs of ours (default: the recipe's)")
     ap.add_argument("--repeats", type=int, default=3, help="bench.py repeats (medians)")
     ap.add_argument("--json", type=Path, help="merge the comparison into this JSON file")
     args = ap.parse_args()
@@ -98,8 +111,9 @@ def main() -> int:
     print(f"wrote {args.out}/train.tsv, test.tsv ({info['test_predictions']} test predictions)")
     if args.official is None:
         return 0
+    args.configs = args.configs or RECIPES[args.recipe][1]
     official = run_official(
-        args.official, args.out, args.threads, args.epochs, info["test_predictions"]
+        args.official, args.out, args.threads, args.epochs, info["test_predictions"], args.recipe
     )
     ours_json = args.out / "ours.json"
     subprocess.run(
@@ -109,7 +123,13 @@ def main() -> int:
         check=True, capture_output=True,
     )  # fmt: skip
     ours = json.loads(ours_json.read_text())["configs"]
-    comparison = {"threads": args.threads, "official": official, "ours": {}}
+    comparison = {
+        "threads": args.threads,
+        "recipe": args.recipe,
+        "official_params": params(args.recipe, args.epochs),
+        "official": official,
+        "ours": {},
+    }
     print(f"threads {args.threads}: {'':34} {'ours':>10} {'official':>10} {'ratio':>7}")
     for name in args.configs:
         res = ours[name]

@@ -34,18 +34,22 @@ section names.
 How to measure:
 
 ```bash
-make bench        # python experiments/bench.py --json bench.json (CPU; --quick for a smoke run)
-python experiments/bench.py --device cuda [--cuda-graph] --repeats 2 --configs a_session_rnn
+make bench                    # python experiments/bench.py --threads 2 --json bench.json
+make bench-compare BASE=REV   # the same with REV measured side by side (--baseline-rev REV)
+python experiments/bench.py --device cuda --repeats 2 --configs a_session_rnn
 make bench-data   # the data pipeline on a generated 10M-row XING-format file
 python experiments/bench_official.py --official <GRU4Rec_PyTorch_Official checkout>
 ```
 
-Configs: (a) session RNN / HRNN Init, cross-entropy with 2,048 popularity samples, 20k
-items, B=128, H=100; (b) TOP1 with in-batch negatives, 59k items (XING scale), B=50,
-H=100; (c) as (b) with H=500. Columns of the bench tables: `train` = events/s of the
-Lightning path, `plain` = a bare loop of the same model, `ovh` = Lightning's overhead,
-`eval` = scored test events/s (history replay included), `R@20` = recall@20 after the timed
-training, then the time of one update by phase (microseconds).
+The bench measures through the public API: the LightningModule from the checkout's
+conf/model, fitted and tested by a real Trainer. Configs: (a) session RNN / HRNN Init /
+the model-API networks, cross-entropy with 2,048 popularity samples, 20k items, B=128,
+H=100; (d) the default data with TOP1 and in-batch negatives, B=100, H=100; `_autograd` =
+`model.engine=autograd`. Columns: `train` = training events/s, `eval` = scored test
+events/s (history replay included), `R@20` = recall@20 after the timed training; with a
+baseline, its figures and the ratios this checkout / baseline. Runs recorded before the one
+training path (bench.py of that time) also show `plain` = a bare loop of the hand-written
+engine, `ovh` = Lightning's overhead over it, and the time of one update by phase.
 """
 
 
@@ -90,13 +94,47 @@ def fmt(v, digits: int = 0) -> str:
 
 
 def json_table(data: dict) -> str:
-    """A markdown table of a bench JSON's training configs."""
+    """A markdown table of a bench JSON's configs (either shape: before the one training
+    path, configs have a ``kind`` and a plain loop; since, an engine and maybe a baseline)."""
+    configs = data.get("configs", {})
+    if any("kind" in c for c in configs.values()):
+        return legacy_table(configs)
+    base, vs = data.get("baseline_configs") or {}, data.get("vs_baseline") or {}
+    head = "| config | items | B | H | engine | train ev/s | eval ev/s | R@20 | peak RSS MB |"
+    rule = "|---|--:|--:|--:|---|--:|--:|--:|--:|"
+    if base:
+        head += " baseline train | baseline eval | train x | eval x | baseline engine |"
+        rule += "--:|--:|--:|--:|---|"
+    rows = [head, rule]
+    for name, c in configs.items():
+        if "error" in c:
+            rows.append(f"| {name} | error: {c['error']} |")
+            continue
+        s = c.get("setting", {})
+        row = (
+            f"| {name} | {fmt(c.get('n_items'))} | {s.get('batch', '-')} | {s.get('hidden', '-')} "
+            f"| {c.get('engine', '-')} | {fmt(c.get('train_events_per_s'))} "
+            f"| {fmt(c.get('eval_events_per_s'))} | {fmt(c.get('recall@20'), 4)} "
+            f"| {fmt(c.get('peak_rss_mb'))} |"
+        )
+        if base:
+            b, x = base.get(name, {}), vs.get(name, {})
+            row += (
+                f" {fmt(b.get('train_events_per_s'))} | {fmt(b.get('eval_events_per_s'))} "
+                f"| {fmt(x.get('train'), 3)} | {fmt(x.get('eval'), 3)} | {b.get('engine', '-')} |"
+            )
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def legacy_table(configs: dict) -> str:
+    """The table of a bench JSON written before the one training path."""
     rows = [
         "| config | items | B | H | train ev/s | plain ev/s | Lightning overhead | eval ev/s "
         "| R@20 | peak RSS MB |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for name, c in data.get("configs", {}).items():
+    for name, c in configs.items():
         if c.get("kind") != "train":
             continue
         s = c.get("setting", {})
@@ -113,7 +151,10 @@ def json_table(data: dict) -> str:
 def json_meta(data: dict) -> str:
     m = data.get("meta", {})
     keys = ("device", "cuda_graph", "cpus", "threads", "repeats", "torch", "lightning")
-    return ", ".join(f"{k} {m[k]}" for k in keys if k in m)
+    text = ", ".join(f"{k} {m[k]}" for k in keys if k in m)
+    if m.get("baseline"):
+        text += f", baseline {m['baseline']['rev']} ({m['baseline']['commit'][:9]})"
+    return text
 
 
 def code(text: str) -> str:

@@ -1,11 +1,17 @@
-"""The prepared GPU check of data-parallel training and of the official GRU4Rec comparison.
+"""The prepared GPU check: the one training path on CUDA against the CPU, data-parallel
+training, the bench on CUDA and the official GRU4Rec comparison.
 
-    python experiments/gpu_check.py --out OUT [--official DIR] [--skip-official]
+    python experiments/gpu_check.py --out OUT [--official DIR] [--skip-bench]
 
 Run it on a machine with a CUDA GPU (one is enough), from the repository root, with this
 project installed. Every step has its own time limit and writes its output under OUT; a
 failed step is recorded and the next one runs. OUT/gpu_check.txt is the summary to commit
 to experiments/results/ (with the JSON files next to it).
+
+0. **CUDA matches the CPU**: one epoch of each built-in recurrent model and of the model-API
+   networks on the default data in float64 (``trainer.precision=64-true``), in-batch
+   negatives and no dropout (no random draws, which differ between devices), on the GPU
+   and on the CPU: the test metrics must agree to 1e-6 (relative).
 
 1. **1-rank NCCL group, end to end**: ``torchrun --nproc_per_node=1 -m hrnn_lit
    trainer=gpu`` (a torchrun group is joined even with one rank, so rank discovery, the
@@ -18,10 +24,13 @@ to experiments/results/ (with the JSON files next to it).
    1-rank run's. With one GPU, NCCL refuses two ranks on one device, so two ranks share
    cuda:0 over gloo (which takes CUDA tensors) and run the same collectives on CUDA
    tensors; the averaged gradients are checked against the mean computed by hand.
-3. **The official GRU4Rec code side by side with hrnn_lit on config (a), same GPU**:
+3. **The bench on CUDA** (``bench.py --device cuda``, config (a)'s default configs, one
+   repeat): ``bench_cuda.json``.
+4. **The official GRU4Rec code side by side with hrnn_lit on config (a), same GPU**:
    experiments/bench_official.py's export of config (a)'s data, the official ``run.py``
-   on it with ``-d cuda:0`` and config (a)'s settings (bench_official.PARAMS), and
-   ``bench.py --device cuda --configs a_session_rnn`` for ours. Needs a checkout of
+   on it with ``-d cuda:0`` and config (a)'s settings with the full cross-entropy recipe
+   (bench_official.params("full", epochs)), and ``bench.py --device cuda --configs
+   a_gru4rec_xe`` for ours. Needs a checkout of
    https://github.com/hidasib/GRU4Rec_PyTorch_Official (``--official DIR``, with pandas
    installed and the float32 patch described in bench_official.py); skipped without one.
 """
@@ -43,6 +52,16 @@ TINY = [
     "logger=none", "+trainer.enable_progress_bar=false", "trainer.max_epochs=1",
     "model=hrnn_init",
 ]  # fmt: skip
+
+# step 0: model -> overrides that switch off its random draws (negatives sampled on the
+# device and dropout masks differ between CPU and CUDA generators)
+NO_DRAWS = {
+    "session_rnn": ["model.n_sample=0", "model.dropout_user=0", "model.dropout_init=0"],
+    "hrnn_init": ["model.n_sample=0", "model.dropout_user=0", "model.dropout_init=0"],
+    "hrnn_history": ["model.n_sample=0", "model.net.dropout_user=0", "model.net.dropout_init=0"],
+    "attention_hrnn": ["model.n_sample=0", "model.net.dropout=0"],
+}
+METRIC_RTOL = 1e-6
 
 COLLECTIVES = r"""
 import os, sys, torch, torch.distributed as dist
@@ -128,6 +147,33 @@ def _torchrun(nproc: int, port: int, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+def cuda_matches_cpu(out: Path, report: Report) -> None:
+    """Step 0: the same float64 epoch on the GPU and on the CPU, test metrics compared."""
+    base = ["logger=none", "+trainer.enable_progress_bar=false", "trainer.max_epochs=1",
+            "trainer.precision=64-true"]  # fmt: skip
+    for model, no_draws in NO_DRAWS.items():
+        runs = {}
+        for where, trainer in (("cuda", "trainer=gpu"), ("cpu", "trainer=default")):
+            run_dir = out / f"0_{model}_{where}"
+            cmd = [sys.executable, "-m", "hrnn_lit", trainer, f"model={model}", *base,
+                   *no_draws, f"paths.output_dir={run_dir}"]  # fmt: skip
+            if report.step(f"0_{model}_{where}", cmd, timeout=600):
+                runs[where] = _results(run_dir)
+        if len(runs) < 2:
+            continue
+        keys = sorted(k for k in runs["cpu"] if k.startswith("test/") and "@" in k)
+        worst = max(
+            abs(runs["cuda"][k] - runs["cpu"][k]) / max(abs(runs["cpu"][k]), 1e-12) for k in keys
+        )
+        ok = bool(keys) and worst <= METRIC_RTOL
+        report.ok &= ok
+        report.add(
+            f"  {model}: CUDA vs CPU float64 test metrics ({len(keys)}), worst relative "
+            f"difference {worst:.2e} ({'OK' if ok else f'FAILED, > {METRIC_RTOL}'}); engine "
+            f"{runs['cuda'].get('engine')}, recall@20 {runs['cuda'].get('test/recall@20'):.4f}"
+        )
+
+
 def official_gpu(out: Path, official: Path, report: Report, epochs: int) -> None:
     sys.path[:0] = [str(HERE), str(ROOT)]
     import bench_official
@@ -136,33 +182,34 @@ def official_gpu(out: Path, official: Path, report: Report, epochs: int) -> None
     info = bench_official.export(data)
     cmd = [
         sys.executable, str(official / "run.py"), str(data / "train.tsv"),
-        "-ps", bench_official.PARAMS.format(epochs=epochs), "-d", "cuda:0",
+        "-ps", bench_official.params("full", epochs), "-d", "cuda:0",
         "-t", str(data / "test.tsv"), "-m", "20",
     ]  # fmt: skip
-    if not report.step("3_official_gpu", cmd, timeout=900):
+    if not report.step("4_official_gpu", cmd, timeout=900):
         return
-    text = (out / "3_official_gpu.log").read_text()
+    text = (out / "4_official_gpu.log").read_text()
     train = [float(x) for x in re.findall(r"\|\s*([\d.]+) e/s\]", text)]
     took = re.search(r"Evaluation took ([\d.]+)s", text)
     theirs = {
         "train_events_per_s": sorted(train)[len(train) // 2] if train else None,
         "eval_events_per_s": info["test_predictions"] / float(took.group(1)) if took else None,
     }
-    ours_json = out / "3_ours_gpu.json"
+    ours_json = out / "4_ours_gpu.json"
     cmd = [
         sys.executable, str(HERE / "bench.py"), "--device", "cuda", "--configs",
-        "a_session_rnn", "--repeats", "3", "--json", str(ours_json),
+        "a_gru4rec_xe", "--repeats", "3", "--json", str(ours_json),
     ]  # fmt: skip
-    if not report.step("3_ours_gpu", cmd, timeout=900):
+    if not report.step("4_ours_gpu", cmd, timeout=900):
         return
-    ours = json.loads(ours_json.read_text())["configs"]["a_session_rnn"]
+    ours = json.loads(ours_json.read_text())["configs"]["a_gru4rec_xe"]
     row = {"official": theirs, "ours": {k: ours[k] for k in ours if k.endswith("_per_s")}}
     (out / "official_comparison_gpu.json").write_text(json.dumps(row, indent=2) + "\n")
     for what in ("train", "eval"):
         a, b = ours[f"{what}_events_per_s"], theirs[f"{what}_events_per_s"]
         ratio = f"{a / b:.2f}" if a and b else "n/a"
         report.add(
-            f"  config (a) {what} events/s on the GPU: ours {a:,.0f}, official {b}, x{ratio}"
+            f"  config (a), full XE recipe, {what} events/s on the GPU: ours {a:,.0f}, "
+            f"official {b}, x{ratio}"
         )
 
 
@@ -171,6 +218,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     ap.add_argument("--official", type=Path, help="checkout of GRU4Rec_PyTorch_Official")
     ap.add_argument("--epochs", type=int, default=2, help="the official code's epochs")
+    ap.add_argument("--skip-bench", action="store_true", help="no step 3 (bench on CUDA)")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +235,9 @@ def main() -> int:
         f"{'.'.join(map(str, torch.cuda.nccl.version()))}, {n_gpus} x "
         f"{torch.cuda.get_device_name(0)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
+    # 0. the one training path on CUDA against the CPU, float64, no random draws
+    cuda_matches_cpu(out, report)
+
     script = out / "collectives.py"
     script.write_text(COLLECTIVES)
 
@@ -213,14 +264,22 @@ def main() -> int:
         report.add("one GPU: NCCL takes one rank per device; 2 ranks share cuda:0 over gloo")
         report.step("2_collectives_gloo_1gpu", _torchrun(2, 29534, str(script), "gloo"), 180)
 
-    # 3. the official GRU4Rec next to ours on config (a), same GPU
+    # 3. the bench on CUDA: config (a)
+    if not args.skip_bench:
+        bench_json = out / "bench_cuda.json"
+        cmd = [sys.executable, str(HERE / "bench.py"), "--device", "cuda", "--repeats", "1",
+               "--configs", "a_session_rnn", "a_hrnn_init", "a_attention_hrnn", "a_hrnn_history",
+               "--json", str(bench_json)]  # fmt: skip
+        report.step("3_bench_cuda", cmd, timeout=900)
+
+    # 4. the official GRU4Rec next to ours on config (a), same GPU
     if args.official is None:
-        report.add("[3_official] skipped: no --official checkout given")
+        report.add("[4_official] skipped: no --official checkout given")
     else:
         try:
             official_gpu(out, args.official.resolve(), report, args.epochs)
         except Exception as e:  # recorded, like a failed step
-            report.add(f"[3_official] failed: {type(e).__name__}: {e}")
+            report.add(f"[4_official] failed: {type(e).__name__}: {e}")
             report.ok = False
     report.add("all steps passed" if report.ok else "some steps FAILED (see the logs)")
     report.write()

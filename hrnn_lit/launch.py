@@ -7,9 +7,10 @@ the collectives, and says why torch's DistributedDataParallel is not used).
 The ranks come from one of three places, looked up in this order (``discover``):
 
 - **hrnn_lit's own local launcher**: the job's process is rank 0 and starts ranks
-  1..N-1 as ``python -m hrnn_lit.launch CONFIG`` on the job's resolved config, with
-  ``HRNN_LIT_WORKER=rank,size,port`` in their environment. The workers never go through
-  Hydra, so a Hydra multirun (basic or joblib launcher) is never re-launched;
+  1..N-1 with the command its caller gives (hrnn_lit.run: ``python -m hrnn_lit.run
+  CONFIG``) on the job's resolved config, with ``HRNN_LIT_WORKER=rank,size,port`` in their
+  environment. The workers never go through Hydra, so a Hydra multirun (basic or joblib
+  launcher) is never re-launched;
 - **torchrun / torchelastic** (one or many nodes), or any launcher that sets ``RANK`` and
   ``WORLD_SIZE``: rank, world size, local rank and ranks per node, and the rendezvous
   address from the variables Lightning's TorchElasticEnvironment reads (``LOCAL_RANK``,
@@ -30,8 +31,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,11 +148,12 @@ def _on_gpu(cfg: DictConfig) -> bool:
     return cfg.trainer.get("accelerator") in ("gpu", "cuda")
 
 
-def setup(cfg: DictConfig) -> World:
+def setup(cfg: DictConfig, worker: Sequence[str] = ()) -> World:
     """Join or create the process group (``trainer.devices`` ranks; 1: nothing to do).
 
     A torchrun group is joined even with one rank (it runs the same collectives as a larger
-    one); hrnn_lit's own launcher starts ranks 1..N-1 here.
+    one); hrnn_lit's own launcher starts ranks 1..N-1 here, each as the command ``worker``
+    with the resolved config's file appended (needed only then).
     """
     gpu = _on_gpu(cfg)
     if dist.is_initialized():  # created by the caller, who also destroys it
@@ -178,7 +179,7 @@ def setup(cfg: DictConfig) -> World:
         return World(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
     device = _device(gpu, 0)
     port = _free_port()
-    workers = _start_workers(cfg, n, port)
+    workers = _start_workers(cfg, n, port, worker)
     _init(gpu, f"tcp://127.0.0.1:{port}", 0, n)
     return World(0, n, 0, n, device, workers, owns_group=True)
 
@@ -212,7 +213,11 @@ def _init(gpu: bool, init_method: str, rank: int, size: int) -> None:
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
 
 
-def _start_workers(cfg: DictConfig, n: int, port: int) -> list[subprocess.Popen]:
+def _start_workers(
+    cfg: DictConfig, n: int, port: int, worker: Sequence[str]
+) -> list[subprocess.Popen]:
+    if not worker:
+        raise ValueError("launch.setup: trainer.devices > 1 needs the worker command")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / ".ddp_config.yaml"
@@ -223,7 +228,7 @@ def _start_workers(cfg: DictConfig, n: int, port: int) -> list[subprocess.Popen]
         log = open(out / f".ddp_rank{rank}.log", "w")  # noqa: SIM115 - closed with the process
         workers.append(
             subprocess.Popen(
-                [sys.executable, "-m", "hrnn_lit.launch", str(cfg_file)],
+                [*worker, str(cfg_file)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -242,16 +247,3 @@ def teardown(world: World, failed: bool = False) -> None:
         code = w.wait()
         if code != 0 and not failed:
             raise RuntimeError(f"a DDP worker exited with status {code}; see .ddp_rank*.log")
-
-
-def _worker_main(cfg_file: str) -> None:
-    """Entry of ranks 1..N-1 started by ``setup``: the resolved job config, no Hydra."""
-    from hrnn_lit.quiet import quiet
-    from hrnn_lit.run import train
-
-    quiet()  # its log file: the same lines as rank 0's console
-    train(OmegaConf.load(cfg_file))
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1])

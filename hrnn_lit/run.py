@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from hrnn_lit import checkpoints, distributed, launch, runtime
 from hrnn_lit.callbacks import RunRecord, Throughput
 from hrnn_lit.config import own_network, validate
 from hrnn_lit.data.preprocess import split_stats
-from hrnn_lit.errors import ConfigError, HrnnError
+from hrnn_lit.errors import HrnnError
 from hrnn_lit.evaluation.evaluator import breakdowns
 from hrnn_lit.loggers import (
     finish,
@@ -40,7 +41,6 @@ def run_info(cfg: DictConfig) -> dict:
     """What a result depends on besides the config: versions, git revision, command."""
     import platform
     import subprocess
-    import sys
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -150,8 +150,8 @@ def prepare(cfg: DictConfig) -> dict:
 def train(cfg: DictConfig) -> dict:
     """Fit on the fit split (``mode=train``; ``mode=test`` loads ``ckpt_path`` instead), test
     on the test split, write results.json. With ``trainer.devices=N > 1`` this runs as rank
-    0 of N data-parallel processes (hrnn_lit.launch)."""
-    world = launch.setup(cfg)
+    0 of N data-parallel processes (hrnn_lit.launch); ranks 1..N-1 run ``worker_main``."""
+    world = launch.setup(cfg, worker=[sys.executable, "-m", "hrnn_lit.run"])
     ok = False
     try:
         results = _train_rank(cfg, world)
@@ -257,17 +257,6 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
     return results
 
 
-def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
-    """Model weights from a Lightning checkpoint (or a bare state dict); one line if the
-    file is missing, is not a checkpoint or does not fit the model."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: checkpoint {path} not found")
-    ckpt = checkpoints.read(path)
-    checkpoints.check_fits(model, ckpt, path)
-    model.load_state_dict(checkpoints.state_dict_of(ckpt))
-
-
 def _read_checkpoint(cfg: DictConfig) -> tuple[Path | None, dict | None, str | None]:
     """(file, contents, line to print) of the checkpoint ``ckpt_path`` names; for
     ``mode=test`` ``cfg.model`` becomes the checkpoint's model config."""
@@ -333,3 +322,16 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     own_network(cfg, checkpoints.explicit_overrides())  # a swapped model.net: its own name
     return prepare(cfg) if cfg.mode == "prepare" else train(cfg)
+
+
+def worker_main(cfg_file: str) -> None:
+    """Entry of ranks 1..N-1 that ``train`` starts (``python -m hrnn_lit.run CONFIG``,
+    hrnn_lit.launch): the job's resolved config, no Hydra."""
+    from hrnn_lit.quiet import quiet
+
+    quiet()  # its log file: the same lines as rank 0's console
+    train(OmegaConf.load(cfg_file))
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])

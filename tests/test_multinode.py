@@ -141,6 +141,32 @@ def test_devices_must_match_the_ranks_a_launcher_started_on_the_node(monkeypatch
         launch.setup(_gpu_cfg("cpu", devices=4))
 
 
+def test_launch_knows_nothing_of_training_and_its_workers_run_the_given_command(
+    monkeypatch, tmp_path
+):
+    """No launch <-> run import circle: launch imports nothing of hrnn_lit but errors, and
+    starts its workers with the command its caller gives (hrnn_lit.run's own entry)."""
+    import ast
+
+    tree = ast.parse(Path(launch.__file__).read_text())
+    imported = {
+        n.module if isinstance(n, ast.ImportFrom) else a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import | ast.ImportFrom)
+        for a in n.names
+    }
+    assert {m for m in imported if m and m.startswith("hrnn_lit")} == {"hrnn_lit.errors"}
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+    monkeypatch.setattr(os, "environ", {})
+    with pytest.raises(ValueError, match="worker command"):
+        launch._start_workers(cfg, 2, 12345, ())
+    started = []
+    with mock.patch.object(subprocess, "Popen", lambda cmd, **kw: started.append(cmd)):
+        launch._start_workers(cfg, 3, 12345, ["python", "-m", "hrnn_lit.run"])
+    cfg_file = str(tmp_path / ".ddp_config.yaml")
+    assert started == [["python", "-m", "hrnn_lit.run", cfg_file]] * 2
+
+
 def test_replicate_moves_the_module_before_broadcasting_its_tensors():
     module = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.BatchNorm1d(3))
     events = []

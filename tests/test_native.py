@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,10 +337,29 @@ def test_without_a_compiler_warns_once_and_trains_with_torch_ops(fresh, monkeypa
 
 
 def test_a_failing_build_warns_and_leaves_no_library(fresh, monkeypatch):
-    monkeypatch.setattr(native, "SOURCE", "this is not C;")
+    bad = fresh / "bad.c"
+    bad.write_text("this is not C;")
+    monkeypatch.setattr(native, "SOURCE_FILE", bad)
     with pytest.warns(RuntimeWarning, match="failed"):
         assert native.load() is None
     assert not list((fresh / "hrnn_lit" / "native").glob("*.so"))
+
+
+def test_the_c_source_is_a_file_and_its_text_is_in_the_cache_key(fresh, monkeypatch):
+    """The kernels' source is the package's .c file (shipped as package data); an edit
+    of its text builds a new library instead of loading the old one."""
+    assert native.SOURCE_FILE.suffix == ".c" and native.SOURCE_FILE.is_file()
+    assert native.SOURCE_FILE.parent == Path(native.__file__).parent
+    assert "int adagrad_rows(" in native.SOURCE_FILE.read_text()
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        pytest.skip("no C compiler here")
+    lib = native._build(cc)
+    edited = fresh / "edited.c"
+    edited.write_text(native.SOURCE_FILE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(native, "SOURCE_FILE", edited)
+    other = native._build(cc)
+    assert other != lib and other.exists() and lib.exists()
 
 
 def test_the_build_is_cached(fresh, monkeypatch):

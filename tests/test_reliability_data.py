@@ -12,7 +12,8 @@ import polars as pl
 import pytest
 
 from hrnn_lit.data import cache
-from hrnn_lit.data.sources import canonical_ids, read_events, read_xing
+from hrnn_lit.data.columns import canonical_ids
+from hrnn_lit.data.sources import read_events, read_xing
 from hrnn_lit.errors import DataError
 from hrnn_lit.run import _instantiate
 from tests.conftest import compose_cfg

@@ -1,1 +1,2 @@
-"""Data: sources (raw readers), preprocess, synthetic, batching, datamodule."""
+"""Data: sources (raw readers), columns (their checks, canonical ids and times),
+preprocess, synthetic, batching, datamodule."""

@@ -71,10 +71,6 @@ def key_of(inputs: dict) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-def cache_key(raw_path: str | Path | None, source, preprocess: dict) -> str:
-    return key_of(key_inputs(raw_path, source, preprocess))
-
-
 def save_splits(splits: Splits, directory: Path, inputs: dict | None = None) -> bool:
     """Write every split as Parquet plus stats.json and the manifest into ``directory``
     atomically. False when another process renamed its copy of the entry into place first

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import polars as pl
 
+from hrnn_lit.data.columns import canonical_ids
 from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.preprocess import Splits
-from hrnn_lit.data.sources import canonical_ids
 from hrnn_lit.errors import ConfigError, DataError
 
 USER_MODELS = ("user_pop",)  # built-in baselines that need users
