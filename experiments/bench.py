@@ -358,7 +358,7 @@ def native_kernels() -> bool | None:
     first run); None where it has none."""
     import importlib
 
-    for where in ("hrnn_lit.models.native", "hrnn_lit.ops.native"):
+    for where in ("hrnn_lit.models.native", "hrnn_lit.ops.native"):  # (a baseline revision)
         with contextlib.suppress(ImportError):
             return importlib.import_module(where).load() is not None
     return None

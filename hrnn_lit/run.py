@@ -75,7 +75,7 @@ def run_info(cfg: DictConfig) -> dict:
             git = {"revision": rev.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         pass
-    from hrnn_lit.models import native
+    from hrnn_lit.ops import native
 
     return {
         "seed": cfg.seed,

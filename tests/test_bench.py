@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hrnn_lit.models import native
+from hrnn_lit.ops import native
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "experiments" / "bench.py"

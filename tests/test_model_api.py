@@ -20,11 +20,11 @@ import torch
 from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.synthetic import generate_events
 from hrnn_lit.errors import ConfigError
-from hrnn_lit.models import native
 from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.nets.api import Starts
 from hrnn_lit.nets.attention_hrnn import AttentionHRNN
 from hrnn_lit.nets.recurrent import RecurrentCore
+from hrnn_lit.ops import native
 from hrnn_lit.ops.losses import LOSSES
 from tests.conftest import TINY
 

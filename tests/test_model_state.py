@@ -270,7 +270,7 @@ def test_training_updates_item_tables_natively_with_the_same_weights(monkeypatch
     """CPU training updates the touched rows of its three item tables with the native
     kernel, every update, and ends with the weights of the torch path, bit for bit (the
     native softmax runs in both)."""
-    from hrnn_lit.models import native
+    from hrnn_lit.ops import native
 
     if native.load() is None:
         pytest.skip("no C compiler here")

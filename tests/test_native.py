@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrnn_lit.models import native
+from hrnn_lit.ops import native
 from hrnn_lit.ops.optim import SparseRowOptimizer
 
 
@@ -396,7 +396,7 @@ def test_processes_building_at_once_all_get_the_library(fresh):
         pytest.skip("no C compiler here")
     for lib in (fresh / "hrnn_lit" / "native").glob("*.so"):
         lib.unlink()  # (loaded here from its old inode; the children build a new one)
-    code = "from hrnn_lit.models import native; import sys; sys.exit(native.load() is None)"
+    code = "from hrnn_lit.ops import native; import sys; sys.exit(native.load() is None)"
     env = dict(os.environ, XDG_CACHE_HOME=str(fresh))
     procs = [
         subprocess.Popen([sys.executable, "-W", "error", "-c", code], env=env) for _ in range(4)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hrnn_lit.models import native
 from hrnn_lit.nets.api import ScoreFactors, linear_scores
+from hrnn_lit.ops import native
 from hrnn_lit.ops.activations import activation
 from hrnn_lit.ops.candidates import chunk_candidates
 from hrnn_lit.ops.gru import gru_cell

@@ -13,9 +13,9 @@ import pytorch_lightning as lightning
 import torch
 
 from hrnn_lit.errors import NumericalError
-from hrnn_lit.models import native
 from hrnn_lit.models.loss_checks import LossChecks
 from hrnn_lit.models.module import RecurrentRecommender
+from hrnn_lit.ops import native
 from hrnn_lit.run import run
 from tests.conftest import TINY, compose_cfg
 from tests.helpers import small_dm

@@ -10,7 +10,7 @@ scored (its future is not in this chunk).
 Bit-for-bit equal to running the step on all B rows (``RecurrentRecommender.unroll``):
 a row's result depends only on its own inputs, except through how kernels split their work.
 BLAS (the GRU's matrix product) gives every row the same value for products of >= 64 rows,
-the native GRU kernel (models/native.py) computes each row alone, and torch's elementwise
+the native GRU kernel (ops/native.py) computes each row alone, and torch's elementwise
 kernels (its GRU path's sigmoid) process all elements in full vector lanes when the element
 count and each thread's share of it are multiples of 64. So the step runs on the needed rows
 padded to a multiple of 64, and only when the full batch is such a multiple too and at most

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hrnn_lit.models import native
+from hrnn_lit.ops import native
 from hrnn_lit.ops.sampling import PopularitySampler
 
 

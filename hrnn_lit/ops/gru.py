@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hrnn_lit.models import native
+from hrnn_lit.ops import native
 
 
 class _NativeGRUCell(torch.autograd.Function):

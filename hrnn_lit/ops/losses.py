@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrnn_lit.models import native
+from hrnn_lit.ops import native
 
 # Masked logits get a large finite value, not -inf: a step whose slots are all empty (DDP
 # padding) then gives a zero loss with zero, finite gradients instead of NaNs.

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 
-from hrnn_lit.models import native
+from hrnn_lit.ops import native
 
 KINDS = ("adagrad", "adam")
 _FUSED = hasattr(torch, "_fused_adagrad_")
