@@ -1,5 +1,6 @@
-"""Test helpers: steps from hand-written sessions, and callbacks that inject faults into
-real training runs (used through Hydra overrides)."""
+"""Test helpers: steps from hand-written sessions, the plain reference replay of an
+evaluation, and callbacks that inject faults into real training runs (used through Hydra
+overrides)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import signal
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from hrnn_lit.data.batching import Steps, build_steps
+from hrnn_lit.evaluation.evaluator import RankCollector
+from hrnn_lit.evaluation.loop import EvalLoop, starts_at
 
 
 def steps_for(users: list[list[list[int]]]) -> Steps:
@@ -21,6 +25,56 @@ def steps_for(users: list[list[list[int]]]) -> Steps:
             user += [u] * len(s)
             ses += [len(set(ses))] * len(s)
     return build_steps(np.array(item), np.array(user), np.array(ses))
+
+
+def at_least_float32(x):
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def replay(net, batch, state=None):
+    """The plain replay of a chunk: every slot at every time step (start rules, step, and
+    the targets where the network observes them). Returns a copy of the state after each
+    step and the final state."""
+    T, B = batch.input.shape
+    state = net.initial_state(B, batch.input.device) if state is None else state
+    states = []
+    for t in range(T):
+        if batch.any_start[t]:
+            state = net.start(state, starts_at(batch, t))
+        state = net.step(batch.input[t], state)
+        states.append(tuple(x.clone() for x in state))
+        if hasattr(net, "observe"):
+            state = net.observe(state, batch.target[t])
+    return states, state
+
+
+def reference_eval(net, chunks, ties="conservative", rank_cap=None) -> dict:
+    """The plain reference evaluation: ``replay`` on every slot and event, the network's
+    ``score`` over the whole catalogue for each scored event, ``target_ranks``. Returns the
+    pass's per-event outputs (rank, position, history)."""
+    collector = RankCollector(ties, rank_cap)
+    state = None
+    with torch.no_grad():
+        for batch in chunks:
+            states, state = replay(net, batch, state)
+            for t, st in enumerate(states):
+                rows = batch.score[t].nonzero().view(-1)
+                if rows.numel():
+                    scores = at_least_float32(net.score(tuple(x[rows] for x in st)))
+                    keys = ("target", "position", "history")
+                    collector.add(scores, *(getattr(batch, k)[t, rows] for k in keys))
+    return collector.finish("test", [5])[1]
+
+
+def loop_eval(net, chunks, n_items, ties="conservative", rank_cap=None, **kw) -> dict:
+    """The same pass through ``EvalLoop`` (``kw``: its eval_block, fast)."""
+    collector = RankCollector(ties, rank_cap)
+    loop = EvalLoop(n_items, **kw)
+    loop.begin(net, collector)
+    with torch.inference_mode():
+        for batch in chunks:
+            loop.chunk(batch)
+    return collector.finish("test", [5])[1]
 
 
 class KillAtUpdate(pl.Callback):

@@ -1,7 +1,8 @@
 """The fast evaluation paths against plain references: blocked catalogue ranking
 (hrnn_lit.evaluation.ranking) against the full score matrix and brute-force counts, the
-compacted replay (hrnn_lit.evaluation.replay) against ``unroll`` on all rows, and the
-module's ``_eval_chunk`` against the plain unroll + score_all + target_ranks pipeline."""
+evaluation loop's compacted replay (hrnn_lit.evaluation.loop) against the plain replay on
+all rows, and the module's evaluation of the built-in networks against the plain replay +
+score_all + target_ranks pipeline."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 from hrnn_lit.data.batching import PlanDataset, build_plan, build_steps
 from hrnn_lit.evaluation import ranking
 from hrnn_lit.evaluation.evaluator import RankCollector
+from hrnn_lit.evaluation.loop import needed_rows
 from hrnn_lit.evaluation.metrics import target_ranks
 from hrnn_lit.evaluation.ranking import catalogue_ranks, linear_scores
-from hrnn_lit.evaluation.replay import needed_rows, replay_scored
 from hrnn_lit.models.module import RecurrentRecommender
+from tests.helpers import reference_eval, replay
 from tests.test_metrics import brute_rank
 
 TIES = ("conservative", "optimistic")
@@ -247,7 +249,7 @@ def test_rank_collector_add_equals_add_ranks():
         assert ma == mb and all(torch.equal(oa[k], ob[k]) for k in oa)
 
 
-# ------------------------------------------------------------ replay and _eval_chunk
+# ------------------------------------------------------- the loop on the built-in networks
 VARIANTS = {
     "session_rnn": dict(user_propagation="none", user_hidden_size=0),
     "rnn_concat": dict(user_propagation="none", user_hidden_size=0, reset_at="user"),
@@ -291,53 +293,40 @@ def make_model(variant: str, n_items=300, H=32, **kw) -> RecurrentRecommender:
     return m
 
 
-def reference_eval(m: RecurrentRecommender, chunks, ties: str) -> dict:
-    """The plain pipeline: unroll all rows, score_all, target_ranks."""
-    col = RankCollector(ties)
-    state = None
-    with torch.no_grad():
-        for batch in chunks:
-            hs, cs, state = m.unroll(batch, state)
-            mask = batch.score
-            if not mask.any():
-                continue
-            scores = m.core.score_all(hs[mask], cs[mask])
-            col.add(scores, *(getattr(batch, k)[mask] for k in ("target", "position", "history")))
-    return col.finish("test", [5])[1]
-
-
 def module_eval(m: RecurrentRecommender, chunks, ties: str) -> dict:
-    m._eval_begin()
+    """The module's test hooks over the chunks, with ranks uncapped."""
+    m.on_test_epoch_start()
     m.evaluation.collector = collector = RankCollector(ties)
+    m.eval_loop.collector = collector
     with torch.inference_mode():
-        for batch in chunks:
-            m._eval_chunk(batch)
+        for i, batch in enumerate(chunks):
+            m.test_step(batch, i)
     return collector.finish("test", [5])[1]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_replay_equals_unroll_on_scored_rows(variant):
+def test_loop_states_equal_the_plain_replay_on_scored_rows(variant):
+    """The states the loop ranks (compacted rows, starts on the starting rows only) are bit
+    for bit those of the plain replay on all rows, also for B not a multiple of 64."""
     m = make_model(variant)
-    session_only = variant == "session_rnn"
+    seen = []
+    factors = m.net.score_factors
+    m.net.score_factors = lambda state: seen.append(state) or factors(state)
     for n_threads in (1, 2):
-        with threads(n_threads), torch.no_grad():
+        with threads(n_threads):
             for B, T in ((128, 8), (64, 5), (50, 8)):
                 chunks = eval_chunks(batch_size=B, steps_per_batch=T)
-                for start_rows in (None, m.core.start_sessions):
-                    state_ref = state = None
+                seen.clear()
+                module_eval(m, chunks, "conservative")
+                expected, state = [], None
+                with torch.no_grad():
                     for batch in chunks:
-                        hs, cs, state_ref = m.unroll(batch, state_ref)
-                        state = state or m.core.initial_state(B, torch.device("cpu"))
-                        h, c, state = replay_scored(
-                            m.core.session_step,
-                            lambda t, h, c, b=batch: m._start_sessions(b, t, h, c),
-                            batch,
-                            state,
-                            session_only,
-                            start_rows,
-                        )
-                        mask = batch.score
-                        assert torch.equal(h, hs[mask]) and torch.equal(c, cs[mask])
+                        states, state = replay(m.net, batch, state)
+                        for t, (h, c) in enumerate(states):
+                            expected.append((h[batch.score[t]], c[batch.score[t]]))
+                h_ref, c_ref = (torch.cat(x) for x in zip(*expected))
+                h_got, c_got = (torch.cat(x) for x in zip(*seen))
+                assert torch.equal(h_got, h_ref) and torch.equal(c_got, c_ref), (B, n_threads)
 
 
 def test_session_only_replay_skips_unscored_sessions():
@@ -350,7 +339,7 @@ def test_session_only_replay_skips_unscored_sessions():
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_eval_chunk_equals_plain_pipeline(variant, monkeypatch):
+def test_module_evaluation_equals_plain_pipeline(variant, monkeypatch):
     """Ranks, positions and histories of the whole pass, both tie modes, 1 and 2 threads;
     small column blocks and row blocks so that every path is taken."""
     monkeypatch.setattr(ranking, "BLOCK_BYTES", 16 << 10)
@@ -361,7 +350,7 @@ def test_eval_chunk_equals_plain_pipeline(variant, monkeypatch):
     for n_threads in (1, 2):
         with threads(n_threads):
             for ties in TIES:
-                ref = reference_eval(m, chunks, ties)
+                ref = reference_eval(m.net, chunks, ties)
                 got = module_eval(m, chunks, ties)
                 assert ref.keys() == got.keys()
                 for k in ref:

@@ -123,7 +123,7 @@ def _fit_and_test(dm, precision: str, reference_eval: bool = False, **kw) -> tup
     )  # fmt: skip
     _fit_model(dm, model, trainer)
     if reference_eval:  # the network's own score over the catalogue, not the fast path
-        model.fast_eval = False
+        model.eval_loop.fast = False
     trainer.test(model, datamodule=dm, verbose=False)
     return {k: v.clone() for k, v in model.state_dict().items()}, model.eval_metrics["test"]
 

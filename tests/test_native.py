@@ -222,7 +222,7 @@ def test_gru_backward_matches_torch_ops(fresh):
 
 
 def test_gru_rows_do_not_depend_on_the_other_rows_or_threads(fresh):
-    """Evaluation steps subsets of the rows (evaluation/replay.py): a row's bits must not
+    """Evaluation steps subsets of the rows (evaluation/loop.py): a row's bits must not
     depend on which rows it is stepped with, nor on the thread count (the kernels split
     large calls over threads)."""
     if native.load() is None:

@@ -31,7 +31,9 @@ class RankCollector:
     def add(self, scores: Tensor, targets: Tensor, position: Tensor, history: Tensor) -> None:
         """Scores [N, n_items] for N scored events with their targets [N]; a non-finite
         score anywhere stops the run (one line)."""
-        if not bool(torch.isfinite(scores).all()):
+        # NaN/inf anywhere makes the sum non-finite (one pass); only then count them (a
+        # sum can also overflow from finite scores)
+        if not bool(torch.isfinite(scores.sum())) and not bool(torch.isfinite(scores).all()):
             bad = int((~torch.isfinite(scores)).sum())
             raise NumericalError(
                 f"evaluation: {bad} of {scores.numel()} scores are not finite (NaN/inf in the "

@@ -216,3 +216,36 @@ def _blocked_ranks(h, targets, weight, bias, ties, user, user_weight, act, block
     ranks = count.long() if ties == "conservative" else count.long() + 1
     ranks = torch.where(done_plain, plain, ranks)
     return ranks.masked_fill_(~finite, n_items + 1)
+
+
+def sparse_ranks(
+    sorted_base: Tensor,
+    base: Tensor,
+    rows: Tensor,
+    items: Tensor,
+    values: Tensor,
+    targets: Tensor,
+    ties: str = "conservative",
+) -> Tensor:
+    """Ranks [N] of targets [N] for scores that are ``base`` [n_items] in every row except
+    the entries (rows [E], items [E]) -> values [E] (an item at most once per row): the
+    ranks ``target_ranks`` gives on that score matrix, with O(E + N log n_items) work.
+    ``sorted_base``: ``base`` sorted ascending (computed once per pass by the caller).
+    Scores must be finite (the caller checks them).
+
+    A row's count of items scoring >= (or >) its target's score s is the base's count,
+    found by binary search, minus the row's entries' base scores that count, plus their
+    own scores that count."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    n_items = base.numel()
+    own = items == targets[rows]  # the entries that hold their row's target
+    target_score = base[targets].index_put((rows[own],), values[own])  # [N]
+    optimistic = ties == "optimistic"
+    count = n_items - torch.searchsorted(sorted_base, target_score, right=optimistic)
+    compare = torch.gt if optimistic else torch.ge
+    s = target_score[rows]
+    delta = compare(values, s).long() - compare(base[items], s).long()  # [E]
+    count = count.index_add(0, rows, delta)
+    ranks = count + 1 if optimistic else count
+    return ranks.masked_fill(~torch.isfinite(target_score), n_items + 1)

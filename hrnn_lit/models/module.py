@@ -37,19 +37,16 @@ from hrnn_lit import distributed
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import Evaluation
-from hrnn_lit.evaluation.ranking import catalogue_ranks, check_finite_catalogue
+from hrnn_lit.evaluation.loop import EvalLoop
 from hrnn_lit.models.engine import build_net, resolve_engine
 from hrnn_lit.models.loss_checks import LossChecks
 from hrnn_lit.nets import api
 from hrnn_lit.nets.api import check_model
 from hrnn_lit.nets.recurrent import RecurrentCore
-from hrnn_lit.ops.activations import ranking_activation
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
-
-EVAL_BLOCK_SCORES = 4 << 20  # reference evaluation: scores per block of rows
 
 
 def eval_gather():
@@ -152,7 +149,6 @@ class RecurrentRecommender(pl.LightningModule):
         # engine=autograd. ``engine`` (recorded in results.json): fused | autograd
         self.fused = engine == "auto" and callable(getattr(self.net, "score_factors", None))
         self.engine = "fused" if self.fused else "autograd"
-        self.fast_eval = callable(getattr(self.net, "score_factors", None))
         loss_kwargs = {"bpreg": bpreg} if loss == "bpr-max" else {}
         if engine == "autograd":
             self.loss_fn = functools.partial(LOSSES[loss], **loss_kwargs)
@@ -163,8 +159,8 @@ class RecurrentRecommender(pl.LightningModule):
         self.sampler = CandidateSampler(self.item_counts, n_sample, sample_alpha, logq)
         self._train_state: api.State | None = None
         self.checks = LossChecks()
-        self._eval_state: api.State | None = None
         self.evaluation = Evaluation(ks, ties)
+        self.eval_loop = EvalLoop(n_items, eval_block)
 
     @property
     def core(self) -> torch.nn.Module:
@@ -331,92 +327,23 @@ class RecurrentRecommender(pl.LightningModule):
         return "No checkpoint was written"
 
     # ----------------------------------------------------------- evaluation
+    # one pass per stage through the evaluation loop (hrnn_lit.evaluation.loop), whatever
+    # the network: history replay on the slots that matter, ranks in row blocks
     def on_validation_epoch_start(self) -> None:
-        self._eval_begin()
+        self.eval_loop.begin(self.net, self.evaluation.begin())
 
     def validation_step(self, batch: Chunk, batch_idx: int) -> None:
-        self._eval_step(batch)
+        self.eval_loop.chunk(batch)
 
     def on_validation_epoch_end(self) -> None:
         if len(self.evaluation.collector) or torch.distributed.is_initialized():
             log_val(self, self.evaluation.finish("val", eval_gather()))
 
     def on_test_epoch_start(self) -> None:
-        self._eval_begin()
+        self.eval_loop.begin(self.net, self.evaluation.begin())
 
     def test_step(self, batch: Chunk, batch_idx: int) -> None:
-        self._eval_step(batch)
+        self.eval_loop.chunk(batch)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.evaluation.finish("test", eval_gather()))
-
-    def _eval_begin(self) -> None:
-        self.evaluation.begin()
-        self._eval_state = None
-        if self.fast_eval:  # the reference path checks every score it ranks instead
-            f = self.net.score_factors(self.net.initial_state(0, self.device))
-            check_finite_catalogue(f.tables[0], f.bias, f.tables[1] if len(f.tables) > 1 else None)
-
-    def _eval_step(self, batch: Chunk) -> None:
-        # ranks come from float32 scores under any trainer precision (bf16 scores would tie)
-        with torch.autocast(batch.input.device.type, enabled=False):
-            if self.fast_eval:
-                self._eval_chunk(batch)
-            else:
-                self._eval_chunk_reference(batch)
-
-
-    def replay(self, batch: Chunk, state: api.State | None = None) -> tuple[api.State, api.State]:
-        """Run the network over a chunk without updates: the states of the scored entries
-        (``batch.score`` order, step-major) and the final state."""
-        inp, net = batch.input, self.net
-        state = state or net.initial_state(inp.shape[1], inp.device)
-        score = batch.score.cpu().numpy()
-        scored = []
-        for t in range(inp.shape[0]):
-            if batch.any_start[t]:
-                state = net.start(state, chunk_starts(batch, t))
-            state = net.step(inp[t], state)
-            if score[t].any():
-                scored.append(api.select(state, torch.from_numpy(score[t]).to(inp.device)))
-        return (api.cat(scored) if scored else api.select(state, [])), state
-
-    def _eval_chunk_reference(self, batch: Chunk) -> None:
-        """Any network: replay every row, score the whole catalogue ([rows, n_items] in
-        blocks of rows), rank each target against it."""
-        scored, self._eval_state = self.replay(batch, self._eval_state)
-        if batch.n_scored == 0:
-            return
-        mask = batch.score
-        targets, position, history = batch.target[mask], batch.position[mask], batch.history[mask]
-        n_items = int(self.item_counts.numel())
-        rows = max(1, min(self.hparams.eval_block, EVAL_BLOCK_SCORES // n_items))
-        for lo in range(0, targets.numel(), rows):
-            part = slice(lo, lo + rows)
-            scores = _at_least_float32(self.net.score(api.select(scored, part)))  # [rows, n]
-            self.evaluation.collector.add(scores, targets[part], position[part], history[part])
-
-    def _eval_chunk(self, batch: Chunk) -> None:
-        """A network with ``score_factors``: the catalogue ranked in blocks without the
-        score matrix; equal to the reference."""
-        scored, self._eval_state = self.replay(batch, self._eval_state)
-        if batch.n_scored == 0:
-            return
-        mask = batch.score
-        targets, position, history = batch.target[mask], batch.position[mask], batch.history[mask]
-        f = self.net.score_factors(scored)
-        user = len(f.tables) > 1
-        collector = self.evaluation.collector
-        ranks = catalogue_ranks(
-            f.queries[0],
-            targets,
-            f.tables[0],
-            f.bias,
-            collector.ties,
-            user=f.queries[1] if user else None,
-            user_weight=f.tables[1] if user else None,
-            act=ranking_activation(f.act),
-            max_rows=self.hparams.eval_block,
-            rank_cap=collector.rank_cap,
-        )
-        collector.add_ranks(ranks, position, history, f.tables[0].shape[0])

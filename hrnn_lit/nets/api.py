@@ -20,6 +20,27 @@ back-propagation through time), history replay and full-catalogue ranking, check
 data-parallel gradient averaging. Item tables declared as ``nn.Embedding(..., sparse=True)``
 get row-sparse gradients, and the optimisers update only the rows a step touched.
 A slot's result must depend on its own row only (no batch statistics across slots).
+
+Evaluation (``hrnn_lit.evaluation.loop``, docs/design.md §6) relies on that: at each time
+step it runs ``start`` on the slots that start a session (the rules must leave a slot
+without a start as it is) and ``step`` on the slots whose state can still matter (never on
+an empty slot), writing their rows back into the carried state, and it ranks the scored
+slots' targets in row blocks. A network may add, all optional:
+
+- ``session_only = True``: the session-start rule wipes the state (nothing before a session
+  start matters after it), so sessions without a scored step are not replayed;
+- ``score_factors(state) -> ScoreFactors``: its scores are a linear form of the state;
+  evaluation then ranks from column blocks of the product, never the score matrix, and
+  stops at the largest K of the metrics (training fuses them with the loss);
+- ``sparse_scores(state) -> SparseScores``: one base score per item for every slot, a few
+  per-slot entries over it; ranks then come from a binary search in the sorted base;
+- ``observe(state, targets) -> state``: told the slots' target items [B] after the step's
+  scores were taken (evaluation only: how a model without training, like the baselines,
+  learns a session's last item, which is never an input).
+
+A state tensor may grow along its trailing dimensions (e.g. a buffer of the user's items),
+at their ends; the new entries of slots that were not stepped take the value of the
+initial state's first entry. Tensors of the state may be updated in place.
 """
 
 from __future__ import annotations
@@ -67,6 +88,24 @@ class ScoreFactors:
     tables: tuple[Tensor, ...]
     bias: Tensor
     act: str = "linear"
+
+
+@dataclass(frozen=True)
+class SparseScores:
+    """Catalogue scores of N slots: ``base`` for every slot, except the entries
+    (``rows``, ``items``) -> ``values`` (an item at most once per row). ``base`` is the same
+    for every call of an evaluation pass."""
+
+    base: Tensor  # [n_items]
+    rows: Tensor  # [E] int64, in 0..N-1
+    items: Tensor  # [E] int64
+    values: Tensor  # [E], base's dtype
+
+    def dense(self, n_rows: int) -> Tensor:
+        """The [n_rows, n_items] score matrix."""
+        scores = self.base.repeat(n_rows, 1)
+        scores[self.rows, self.items] = self.values
+        return scores
 
 
 def linear_scores(f: ScoreFactors, items: Tensor | None = None) -> Tensor:

@@ -163,6 +163,12 @@ class RecurrentCore(nn.Module):
         h_new = gru_cell(gi, gh, h)
         return (self.drop_hidden(h_new) if self.drop_hidden.p > 0 else h_new), c
 
+    @property
+    def session_only(self) -> bool:
+        """Whether every session starts from h = 0 (GRU4Rec): evaluation then replays only
+        the sessions it scores (``hrnn_lit.evaluation.loop``)."""
+        return not self.hierarchical and self.reset_at == "session"
+
     def score_factors(self, state: State) -> ScoreFactors:
         """The scores' linear form: h . out_w[item] + out_b[item] (+ c . out_u[item]), then
         ``final_act`` (``dropout_session`` on h in training)."""

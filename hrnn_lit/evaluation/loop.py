@@ -1,0 +1,231 @@
+"""The evaluation loop (docs/design.md §6, §10): history replay and full-catalogue ranking
+of one pass over an evaluation plan, for any network of the model API
+(``hrnn_lit.models.api``): the built-in recurrent networks, a user's own, the baselines.
+
+Per chunk ([T, B] time steps x slots), at each time step: the start rules on the slots that
+start a session, then one step and (where the network observes them) the targets on the
+slots whose state can still matter (``needed_rows``), their rows written back into the
+carried state. The states of the
+scored slots are kept and ranked at the end of the chunk, in row blocks, by the cheapest
+form the network offers (``api.ScoreFactors``: column blocks of a product, stopped at the
+largest K; ``api.SparseScores``: binary search in a sorted base; else its ``score`` over the
+whole catalogue and ``target_ranks``). Ranks come from float32 scores (or wider) under any
+trainer precision, and a non-finite score stops the pass (the catalogue's weights are
+checked once per pass).
+
+Compaction keeps the bits of a step on all slots where it can: the stepped rows are padded
+to a multiple of 64 by repeating rows (at most B), so every matrix product keeps >= 64 rows
+and BLAS gives each row the same value; the native GRU kernel (models/native.py) computes
+each row alone, and torch's elementwise kernels split whole vector lanes when the element
+count and each thread's share of it are multiples of 64. So with B a multiple of 64 and at
+most two threads on CPU the built-in networks' rows are bit for bit those of a step on all
+slots (tests/test_eval_speed_paths.py); elsewhere they are equal to rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hrnn_lit.data.batching import Chunk
+from hrnn_lit.errors import NumericalError
+from hrnn_lit.evaluation.evaluator import RankCollector
+from hrnn_lit.evaluation.ranking import catalogue_ranks, check_finite_catalogue, sparse_ranks
+from hrnn_lit.nets import api
+from hrnn_lit.ops.activations import ranking_activation
+
+ROW_MULTIPLE = 64
+BLOCK_SCORES = 4 << 20  # dense path: scores per block of rows
+
+
+def needed_rows(batch: Chunk, session_only: bool) -> np.ndarray:
+    """[T, B] bool: the (step, slot) entries whose state must be computed. Every valid one,
+    unless the network is session-only: then only the sessions with a scored step, or that
+    may go on into the next chunk (a session start wipes whatever came before)."""
+    valid = batch.valid.cpu().numpy()
+    if not session_only:
+        return valid
+    score = batch.score.cpu().numpy()
+    start = batch.session_start.cpu().numpy()
+    need = np.zeros_like(valid)
+    carry = np.ones(valid.shape[1], bool)  # the chunk's last step: the session may go on
+    for t in range(valid.shape[0] - 1, -1, -1):
+        need[t] = valid[t] & (score[t] | carry)
+        carry = need[t] & ~start[t]
+    return need
+
+
+def padded_rows(rows: np.ndarray, n_slots: int) -> np.ndarray:
+    """``rows`` repeated up to a multiple of ROW_MULTIPLE rows (at most n_slots)."""
+    size = min(-(-rows.size // ROW_MULTIPLE) * ROW_MULTIPLE, n_slots)
+    return np.resize(rows, size)
+
+
+def starts_at(batch: Chunk, t: int, idx: Tensor | None = None, n: int = 0) -> api.Starts:
+    """The starts of time step t for all slots, or for the slots ``idx`` whose first ``n``
+    are real (the rest, padding, start nothing)."""
+    if idx is None:
+        lo, hi = batch.next_session_offsets[t], batch.next_session_offsets[t + 1]
+        return api.Starts(
+            batch.session_start[t], batch.user_start[t], batch.next_session_rows[lo:hi]
+        )
+    session, user = batch.session_start[t, idx], batch.user_start[t, idx]
+    session[n:], user[n:] = False, False
+    return api.Starts(session, user, (session & ~user).nonzero().view(-1))
+
+
+class EvalLoop:
+    """One evaluation pass at a time: ``begin(net, collector)``, then ``chunk(batch)`` for
+    each chunk in plan order (the state is carried from one to the next). ``fast=False``:
+    rank from ``score`` over the whole catalogue only (a reference for tests)."""
+
+    def __init__(self, n_items: int, eval_block: int = 1024, fast: bool = True):
+        self.n_items, self.eval_block, self.fast = n_items, eval_block, fast
+        self.net: torch.nn.Module | None = None
+        self.collector: RankCollector | None = None
+        self.state: api.State | None = None
+
+    def begin(self, net: torch.nn.Module, collector: RankCollector) -> None:
+        self.net, self.collector, self.state = net, collector, None
+        self._checked = False  # the catalogue's weights, once per pass
+        self._sorted_base: Tensor | None = None  # sparse scores' sorted base, once per pass
+        self._empty: api.State | None = None  # a fresh slot's state (fills grown tensors)
+
+    def chunk(self, batch: Chunk) -> None:
+        with torch.no_grad(), torch.autocast(batch.input.device.type, enabled=False):
+            self._chunk(batch)
+
+    # ------------------------------------------------------------------ replay
+    def _chunk(self, batch: Chunk) -> None:
+        net, inp = self.net, batch.input
+        T, B = inp.shape
+        state = self.state if self.state is not None else net.initial_state(B, inp.device)
+        need = needed_rows(batch, getattr(net, "session_only", False))
+        starting = batch.session_start.cpu().numpy() & need  # (user starts are session starts)
+        scored = batch.score.cpu().numpy()
+        observe = getattr(net, "observe", None)
+        pending: list[api.State] = []  # scored slots' states since time step t0
+        t0 = 0
+        for t in range(T):
+            rows = np.flatnonzero(need[t])
+            if rows.size == 0:
+                continue
+            if batch.any_start[t] and starting[t].any():  # the start rules: starting slots only
+                state = self._start(state, batch, t, np.flatnonzero(starting[t]))
+            sel = np.flatnonzero(scored[t])
+            if rows.size == B:  # every slot: step the state as it is
+                state = net.step(inp[t], state)
+                part = api.select(state, self._index(sel, inp.device))
+                if observe is not None:
+                    state = observe(state, batch.target[t])
+            else:
+                idx = self._index(padded_rows(rows, B), inp.device)
+                sub = net.step(inp[t, idx], api.select(state, idx))
+                part = api.select(sub, self._index(np.searchsorted(rows, sel), inp.device))
+                if observe is not None:
+                    sub = observe(sub, batch.target[t, idx])
+                state = self._put_rows(state, idx[: rows.size], sub)
+            if sel.size:
+                if pending and _shapes(pending[0]) != _shapes(part):  # the state grew
+                    self._rank(batch, t0, t, pending)
+                    pending = []
+                if not pending:
+                    t0 = t
+                pending.append(part)
+        self.state = state
+        if pending:
+            self._rank(batch, t0, T, pending)
+
+    def _start(self, state: api.State, batch: Chunk, t: int, rows: np.ndarray) -> api.State:
+        """``state`` after time step t's start rules, run on the slots ``rows`` (those that
+        start a session; the rules leave every other slot as it is)."""
+        B = batch.input.shape[1]
+        if rows.size == B:
+            return self.net.start(state, starts_at(batch, t))
+        idx = self._index(padded_rows(rows, B), batch.input.device)
+        sub = self.net.start(api.select(state, idx), starts_at(batch, t, idx, rows.size))
+        return self._put_rows(state, idx[: rows.size], sub)
+
+    @staticmethod
+    def _index(rows: np.ndarray, device) -> Tensor:
+        return torch.from_numpy(rows).to(device)
+
+    def _put_rows(self, state: api.State, rows: Tensor, sub: api.State) -> api.State:
+        """``state`` with the slots ``rows`` set to the first rows of ``sub`` (a tensor
+        that grew in ``sub`` is widened first, see ``api``)."""
+        out = []
+        for i, (full, part) in enumerate(zip(state, sub)):
+            part = part[: rows.numel()]
+            if part.shape[1:] != full.shape[1:]:
+                full = self._widen(i, full, part.shape[1:])
+            out.append(full.index_copy(0, rows, part))
+        return tuple(out)
+
+    def _widen(self, i: int, full: Tensor, shape: torch.Size) -> Tensor:
+        if any(a > b for a, b in zip(full.shape[1:], shape)) or len(shape) != full.dim() - 1:
+            raise ValueError(f"{type(self.net).__name__}: a state tensor may only grow")
+        if self._empty is None:
+            self._empty = self.net.initial_state(1, full.device)
+        fill = self._empty[i].reshape(-1)[0] if self._empty[i].numel() else 0
+        wide = full.new_full((full.shape[0], *shape), fill)
+        wide[(slice(None), *(slice(0, s) for s in full.shape[1:]))] = full
+        return wide
+
+    # ----------------------------------------------------------------- ranking
+    def _rank(self, batch: Chunk, t0: int, t1: int, parts: list[api.State]) -> None:
+        """Rank the targets of the scored slots of time steps t0..t1-1 (states ``parts``)."""
+        mask = batch.score[t0:t1]
+        events = [getattr(batch, k)[t0:t1][mask] for k in ("target", "position", "history")]
+        state, net = api.cat(parts), self.net
+        if self.fast and hasattr(net, "score_factors"):
+            self._rank_factors(net.score_factors(state), *events)
+            return
+        sparse = self.fast and hasattr(net, "sparse_scores")
+        n, rows = events[0].numel(), self.eval_block
+        if not sparse:  # at most BLOCK_SCORES dense scores at a time
+            rows = max(1, min(rows, BLOCK_SCORES // self.n_items))
+        for lo in range(0, n, rows):
+            block = api.select(state, torch.arange(lo, min(lo + rows, n), device=mask.device))
+            part = [x[lo : lo + rows] for x in events]
+            if sparse:
+                self._rank_sparse(net.sparse_scores(block), *part)
+            else:  # [rows, n_items]; every score is checked finite
+                self.collector.add(_at_least_float32(net.score(block)), *part)
+
+    def _rank_factors(self, f: api.ScoreFactors, targets, position, history) -> None:
+        """Ranks without the score matrix, in row blocks, resolved up to the rank cap."""
+        col = self.collector
+        query, weight = f.queries[0], f.tables[0]
+        user, user_weight = (f.queries[1], f.tables[1]) if len(f.tables) > 1 else (None, None)
+        if not self._checked:
+            check_finite_catalogue(weight, f.bias, user_weight)
+            self._checked = True
+        ranks = catalogue_ranks(
+            query, targets, weight, f.bias, col.ties, user, user_weight,
+            ranking_activation(f.act), max_rows=self.eval_block, rank_cap=col.rank_cap,
+        )  # fmt: skip
+        col.add_ranks(ranks, position, history, weight.shape[0])
+
+    def _rank_sparse(self, s: api.SparseScores, targets, position, history) -> None:
+        """Ranks by binary search in the sorted base (sorted once per pass). Non-finite
+        scores stop the pass: the base is checked once per pass, the entries always."""
+        if self._sorted_base is None:
+            if not bool(torch.isfinite(s.base).all()):
+                raise NumericalError("evaluation: the base scores of some items are not finite")
+            self._sorted_base = torch.sort(s.base).values
+        if not bool(torch.isfinite(s.values).all()):
+            raise NumericalError("evaluation: some scores are not finite (NaN/inf)")
+        ranks = sparse_ranks(
+            self._sorted_base, s.base, s.rows, s.items, s.values, targets, self.collector.ties
+        )
+        self.collector.add_ranks(ranks, position, history, s.base.numel())
+
+
+def _shapes(state: api.State) -> list[torch.Size]:
+    return [x.shape[1:] for x in state]
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Scores for ranking: float32 where the network computed them in half precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
