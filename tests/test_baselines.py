@@ -1,9 +1,12 @@
-"""Non-neural baselines: scores against brute-force references, and each config end to end."""
+"""Non-neural baselines: scores against brute-force references, ranks and metrics equal
+to those recorded before they became networks of the model API (tests/data), and each
+config end to end."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +14,17 @@ import torch
 
 from hrnn_lit.data.batching import PlanDataset, build_plan
 from hrnn_lit.errors import ConfigError
-from hrnn_lit.models.baselines import VSKNN, ItemKNN, Pop, UserPop, session_events
+from hrnn_lit.evaluation.evaluator import RankCollector
+from hrnn_lit.evaluation.loop import EvalLoop
+from hrnn_lit.models.baselines import Pop
+from hrnn_lit.models.knn import ItemKNNNet, VSKNNNet
+from hrnn_lit.models.popularity import PopNet, UserPopNet, session_events
 from hrnn_lit.run import run
 from tests.conftest import compose_cfg
-from tests.helpers import steps_for
+from tests.helpers import replay, steps_for
+
+BEFORE = json.loads((Path(__file__).parent / "data" / "baselines_before.json").read_text())
+NETS = {"Pop": PopNet, "UserPop": UserPopNet, "ItemKNN": ItemKNNNet, "VSKNN": VSKNNNet}
 
 N_ITEMS = 12
 # users -> sessions -> items (fit split)
@@ -50,19 +60,26 @@ def step_contexts(users):
     ]
 
 
-def model_scores(model, users, batch_size=2, steps_per_batch=3) -> dict[int, np.ndarray]:
-    """Scores per step index, from the model's evaluation walk over the user-parallel plan
-    (two slots: later users take over a slot; chunks of 3 steps: state crosses chunks)."""
+def plan_chunks(users, batch_size=2, steps_per_batch=3):
     steps = to_steps(users)
     plan = build_plan(steps.user, batch_size)
     data = PlanDataset(steps, plan, steps_per_batch)
-    model._eval_begin()
-    out = {}
-    for i in range(len(data)):
-        for t, rows, scores in model.iter_scores(data[i]):
-            for r, s in zip(rows.tolist(), scores.numpy()):
-                out[int(plan[i * steps_per_batch + t, r])] = s
-    assert sorted(out) == list(range(len(steps)))
+    return plan, [data[i] for i in range(len(data))]
+
+
+def model_scores(net, users, batch_size=2, steps_per_batch=3) -> dict[int, np.ndarray]:
+    """Scores per step index, from the plain replay of the network over the user-parallel
+    plan (two slots: later users take over a slot; chunks of 3 steps: state crosses
+    chunks)."""
+    plan, chunks = plan_chunks(users, batch_size, steps_per_batch)
+    out, state = {}, None
+    for i, batch in enumerate(chunks):
+        states, state = replay(net, batch, state)
+        for t, st in enumerate(states):
+            rows = batch.score[t].nonzero().view(-1)
+            for r, sc in zip(rows.tolist(), net.score(tuple(x[rows] for x in st)).numpy()):
+                out[int(plan[i * steps_per_batch + t, r])] = sc
+    assert sorted(out) == list(range(len(to_steps(users))))
     return out
 
 
@@ -74,9 +91,9 @@ def fallback(pop: np.ndarray) -> np.ndarray:
     return pop / (pop.max() + 1) - 1
 
 
-def fitted(model):
-    model.fit_data(to_steps(TRAIN))
-    return model
+def fitted(net):
+    net.fit(to_steps(TRAIN))
+    return net
 
 
 # ------------------------------------------------------------------ helpers and POP
@@ -88,14 +105,14 @@ def test_session_events_rebuilds_the_sessions():
 
 
 def test_pop_ranks_by_training_count():
-    model = fitted(Pop(N_ITEMS))
+    model = fitted(PopNet(N_ITEMS))
     for scores in model_scores(model, EVAL).values():
         np.testing.assert_array_equal(scores, train_pop())
 
 
 # ------------------------------------------------------------------------- user POP
 def test_user_pop_counts_replayed_history_and_resets_per_user():
-    model = fitted(UserPop(N_ITEMS))
+    model = fitted(UserPopNet(N_ITEMS))
     pop = train_pop()
     got = model_scores(model, EVAL)
     for idx, (u, j, p) in enumerate(step_contexts(EVAL)):
@@ -123,7 +140,7 @@ def ref_cosine() -> dict[tuple[int, int], float]:
 
 @pytest.mark.parametrize("k,pop_fallback", [(100, True), (2, True), (3, False)])
 def test_item_knn_matches_cosine_on_session_sets(k, pop_fallback):
-    model = fitted(ItemKNN(N_ITEMS, k_neighbors=k, pop_fallback=pop_fallback))
+    model = fitted(ItemKNNNet(N_ITEMS, k_neighbors=k, pop_fallback=pop_fallback))
     sim = ref_cosine()
     counts = np.diff(model.nbr_ptr.numpy())
     assert counts.max() <= k  # sparse: at most k neighbours per item
@@ -146,7 +163,7 @@ WEIGHT = {
 DECAY = {"same": lambda d: 1.0, "div": lambda d: 1 / d, "quadratic": lambda d: 1 / d**2}
 
 
-def ref_vsknn(model: VSKNN, users, u: int, j: int, p: int) -> np.ndarray:
+def ref_vsknn(model: VSKNNNet, users, u: int, j: int, p: int) -> np.ndarray:
     """Direct loop over training sessions, as session-rec's VMContextKNN scores one event."""
     train = [set(s) for us in TRAIN for s in us]
     items = users[u][j][:p]
@@ -187,7 +204,7 @@ def ref_vsknn(model: VSKNN, users, u: int, j: int, p: int) -> np.ndarray:
     ],
 )
 def test_vsknn_matches_direct_loop(params):
-    model = fitted(VSKNN(N_ITEMS, **params))
+    model = fitted(VSKNNNet(N_ITEMS, **params))
     got = model_scores(model, EVAL)
     for idx, (u, j, p) in enumerate(step_contexts(EVAL)):
         expect = ref_vsknn(model, EVAL, u, j, p)
@@ -196,7 +213,7 @@ def test_vsknn_matches_direct_loop(params):
 
 def test_vsknn_buffer_grows_for_long_sessions():
     long_user = [[list(range(N_ITEMS)) * 3]]  # one 36-event session: buffer starts at 16
-    model = fitted(VSKNN(N_ITEMS, k=3))
+    model = fitted(VSKNNNet(N_ITEMS, k=3))
     got = model_scores(model, long_user, batch_size=1, steps_per_batch=5)
     for idx, (u, j, p) in enumerate(step_contexts(long_user)):
         np.testing.assert_allclose(got[idx], ref_vsknn(model, long_user, u, j, p), rtol=1e-12)
@@ -204,22 +221,72 @@ def test_vsknn_buffer_grows_for_long_sessions():
 
 def test_vsknn_recent_sampling_uses_session_times():
     steps = to_steps(TRAIN)
-    model = VSKNN(N_ITEMS, sample_size=2, sampling="recent")
+    model = VSKNNNet(N_ITEMS, sample_size=2, sampling="recent")
     with pytest.raises(ConfigError, match="model.sampling"):
-        model.fit_data(steps)
+        model.fit(steps)
     step_time = np.arange(len(steps), dtype=float)[::-1]  # earlier sessions are newer
-    model.fit_data(steps, step_time=step_time)
+    model.fit(steps, step_time=step_time)
     n_ses = int(steps.session_start.sum())
     assert model.priority.argsort(descending=True).tolist() == list(range(n_ses))
 
 
 @pytest.mark.parametrize(
     "cls,kw,key",
-    [(ItemKNN, {"k_neighbors": 0}, "k_neighbors"), (VSKNN, {"weighting": "x"}, "weighting")],
+    [(ItemKNNNet, {"k_neighbors": 0}, "k_neighbors"), (VSKNNNet, {"weighting": "x"}, "weighting")],
 )
 def test_bad_params_name_the_key(cls, kw, key):
     with pytest.raises(ConfigError, match=f"model.{key}"):
         cls(N_ITEMS, **kw)
+
+
+# ------------------------------------------------------- ranks as before, through the loop
+@pytest.mark.parametrize("case", BEFORE["ranks"], ids=lambda c: f"{c['model']}{c['params']}")
+def test_loop_ranks_equal_the_ranks_recorded_before(case):
+    """Every baseline configuration, both tie rules, four plan shapes: the evaluation
+    loop's ranks (sparse scores, compacted rows) equal the per-step dense ranks the
+    baselines' own loop gave before they became networks, and so does the plain replay with
+    dense scores."""
+    net = fitted(NETS[case["model"]](N_ITEMS, **case["params"]))
+    B, T = case["batch_size"], case["steps_per_batch"]
+    plan, chunks = plan_chunks(EVAL, B, T)
+    scored = [(i, t, r) for i, c in enumerate(chunks) for t, r in c.score.nonzero().tolist()]
+    order = [int(plan[i * T + t, r]) for i, t, r in scored]
+    expected = [case["ranks"][j] for j in order]
+    for fast in (True, False):
+        collector = RankCollector(case["ties"])
+        loop = EvalLoop(N_ITEMS, eval_block=4, fast=fast)  # small row blocks
+        loop.begin(net, collector)
+        for batch in chunks:
+            loop.chunk(batch)
+        assert collector.finish("test", [5])[1]["rank"].tolist() == expected, fast
+
+
+def test_user_pop_and_vsknn_grow_their_state_on_compacted_rows(monkeypatch):
+    """A long history and a long session make the slot buffers double while only some
+    slots step (the others are empty): the loop widens the rest and the ranks stay those of
+    the plain replay."""
+    n = 60
+    users = [[[(7 * u + i) % n, (u + 3 * i) % n, (5 * i + u) % n] for i in range(4)]
+             for u in range(9)]  # fmt: skip
+    users[0] += [list(range(n)) * 3, [1, 2, 3]]  # the others finish first
+    widened, real = [], EvalLoop._widen
+    monkeypatch.setattr(EvalLoop, "_widen", lambda self, *a: widened.append(a) or real(self, *a))
+    for net in (UserPopNet(n), VSKNNNet(n, k=3, extend_length=20)):
+        net.fit(to_steps(TRAIN))
+        plan, chunks = plan_chunks(users, 4, 5)
+        collector = RankCollector()
+        loop = EvalLoop(n)
+        loop.begin(net, collector)
+        widened.clear()
+        for batch in chunks:
+            loop.chunk(batch)
+        assert widened and loop.state[0].shape[1] > 16  # grew while slots were empty
+        got = collector.finish("test", [5])[1]["rank"].tolist()
+        dense = model_scores(net, users, 4, 5)
+        steps = to_steps(users)
+        scored = [(i, t, r) for i, c in enumerate(chunks) for t, r in c.score.nonzero().tolist()]
+        order = [int(plan[i * 5 + t, r]) for i, t, r in scored]
+        assert got == [int((dense[j] >= dense[j][steps.target[j]]).sum()) for j in order]
 
 
 # ---------------------------------------------------------------------- end to end
@@ -237,6 +304,8 @@ def test_baseline_runs_end_to_end(name, tmp_path):
     assert saved["test/recall@5"] <= saved["test/recall@10"] <= saved["test/recall@20"]
     assert saved["test/mrr@20"] <= saved["test/ndcg@20"] <= saved["test/recall@20"]
     assert saved["perf/eval_events_per_s"] > 0
+    before = BEFORE["e2e"][name]  # the metrics before the baselines became networks
+    assert {k: saved[k] for k in before} == before
 
 
 def test_pop_counts_equal_the_datamodule_counts(tmp_path):
@@ -247,4 +316,4 @@ def test_pop_counts_equal_the_datamodule_counts(tmp_path):
     dm.setup("fit")
     model = Pop(dm.n_items)
     model.fit_data(dm.fit_steps)
-    assert torch.equal(model.pop, torch.as_tensor(dm.item_counts, dtype=torch.float64))
+    assert torch.equal(model.net.pop, torch.as_tensor(dm.item_counts, dtype=torch.float64))
