@@ -2,7 +2,7 @@
 the catalogue padded with unseen items to ``--catalogue``): scored test events per second of
 one evaluation pass (history replay included; the best of ``--repeats`` passes), each
 network untrained (the baselines fitted), run through the LightningModule's test hooks
-without a Trainer. Run it from the
+without a Trainer, with glibc's malloc set up as run.py does. Run it from the
 checkout to measure (it imports hrnn_lit from the working directory):
 
     PYTHONPATH=. python experiments/eval_speed.py --events 30000 --threads 1
@@ -44,6 +44,9 @@ def main() -> None:
     p.add_argument("--catalogue", type=int, default=bench.A.catalogue, help="items (>= data's)")
     p.add_argument("--models", nargs="+", default=list(MODELS[1:]), choices=MODELS)
     args = p.parse_args()
+    from hrnn_lit import runtime
+
+    runtime.keep_freed_memory()  # as run.py: freed blocks reused, not fresh pages
     torch.set_num_threads(args.threads)
     bench._quiet()
     dm = bench.make_datamodule("gru4rec", bench.A.batch, quick=False)
