@@ -12,6 +12,7 @@ checkout to measure (it imports hrnn_lit from the working directory):
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -24,7 +25,14 @@ import bench  # noqa: E402  (config (a)'s data helpers)
 MODELS = ("session_rnn", "hrnn_init", "attention_hrnn", "hrnn_history", "pop", "user_pop")
 
 
+NETS = {  # the model-API networks' classes
+    "attention_hrnn": "hrnn_lit.nets.attention_hrnn.AttentionHRNN",
+    "hrnn_history": "hrnn_lit.nets.history.HistoryHRNN",
+}
+
+
 def build(name: str, n_items: int, counts):
+    """The network's LightningModule at config (a)'s sizes (H = 100)."""
     from hrnn_lit.models import baselines
     from hrnn_lit.models.module import RecurrentRecommender
 
@@ -32,7 +40,13 @@ def build(name: str, n_items: int, counts):
     if name in classes:
         return classes[name](n_items, counts)
     torch.manual_seed(0)
-    kw = bench.model_kwargs(bench.A, name)
+    H, hier = bench.A.hidden, name != "session_rnn"
+    if name in NETS:
+        sizes = {"user_hidden_size": H} if name == "hrnn_history" else {}
+        kw = dict(net={"_target_": NETS[name], "hidden_size": H, **sizes})
+    else:
+        kw = dict(hidden_size=H, user_hidden_size=H if hier else 0,
+                  user_propagation="init" if hier else "none")  # fmt: skip
     return RecurrentRecommender(n_items, counts, **kw).eval()
 
 
@@ -48,7 +62,8 @@ def main() -> None:
 
     runtime.keep_freed_memory()  # as run.py: freed blocks reused, not fresh pages
     torch.set_num_threads(args.threads)
-    bench._quiet()
+    for logger in ("pytorch_lightning", "lightning.pytorch"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
     dm = bench.make_datamodule("gru4rec", bench.A.batch, quick=False)
     dm.eval_steps["test"] = bench.first_users(dm.eval_steps["test"], args.events)
     n_items, counts = bench.catalogue(dm, args.catalogue)
