@@ -40,6 +40,12 @@ def gather_cat(t: Tensor) -> Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def eval_gather():
+    """How evaluation gathers per-event ranks: across data-parallel ranks, or not at all."""
+    parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return gather_cat if parallel else None
+
+
 def average_gradients(params: list[Tensor], max_rows: int | None = None) -> None:
     """Average every parameter's gradient over the ranks.
 

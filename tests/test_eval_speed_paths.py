@@ -285,11 +285,11 @@ def make_model(variant: str, n_items=300, H=32, **kw) -> RecurrentRecommender:
     args = dict(n_items=n_items, hidden_size=H, user_hidden_size=24)
     m = RecurrentRecommender(**{**args, **VARIANTS[variant], **kw}).eval()
     with torch.no_grad():
-        m.core.out_b.weight.normal_(0, 0.1)
-        if m.core.user_to_output:
-            m.core.out_u.weight.normal_(0, 0.2)
+        m.net.out_b.weight.normal_(0, 0.1)
+        if m.net.user_to_output:
+            m.net.out_u.weight.normal_(0, 0.2)
         if variant.endswith("tanh"):
-            m.core.out_w.weight.mul_(200.0)  # saturated: many exact ties
+            m.net.out_w.weight.mul_(200.0)  # saturated: many exact ties
     return m
 
 

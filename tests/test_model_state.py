@@ -11,7 +11,8 @@ import torch
 from hrnn_lit.data.batching import PlanDataset, build_plan
 from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.synthetic import generate_events
-from hrnn_lit.models.module import RecurrentRecommender, chunk_starts
+from hrnn_lit.evaluation.loop import starts_at as chunk_starts
+from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.nets.api import Starts
 from tests.helpers import steps_for
 
@@ -336,9 +337,9 @@ def test_bf16_mixed_trains_in_float32_and_evaluates_like_float32():
 
 
 def test_bf16_mixed_on_a_cpu_without_bfloat16_products_warns(monkeypatch):
-    import hrnn_lit.models.module as module
+    from hrnn_lit.models import precision
 
-    monkeypatch.setattr(module, "_cpu_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: False)
     dm = _small_dm()
     model = RecurrentRecommender(n_items=dm.n_items, item_counts=dm.item_counts)
     with pytest.warns(UserWarning, match="bf16-mixed on a CPU without native bfloat16"):

@@ -137,6 +137,15 @@ class Evaluation:
         self.metrics[stage], self.outputs[stage] = metrics, outputs
         return metrics
 
+    def log(self, module, stage: str, gather=None) -> None:
+        """Finish ``stage`` and log its metrics through the LightningModule ``module``:
+        validation's recall and MRR at the largest K also to the progress bar."""
+        metrics = self.finish(stage, gather)
+        head = self.headline(metrics) if stage == "val" else {}
+        module.log_dict({k: v for k, v in metrics.items() if k not in head})
+        if head:
+            module.log_dict(head, prog_bar=True)
+
     def headline(self, metrics: dict[str, float]) -> dict[str, float]:
         """Recall and MRR at the largest K: the progress bar's share of the metrics."""
         k = max(self.ks)

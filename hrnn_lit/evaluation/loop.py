@@ -33,7 +33,7 @@ from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.ranking import catalogue_ranks, check_finite_catalogue, sparse_ranks
 from hrnn_lit.nets import api
-from hrnn_lit.ops.activations import ranking_activation
+from hrnn_lit.ops.activations import at_least_float32, ranking_activation
 
 ROW_MULTIPLE = 64
 BLOCK_SCORES = 4 << 20  # dense path: scores per block of rows
@@ -191,7 +191,7 @@ class EvalLoop:
             if sparse:
                 self._rank_sparse(net.sparse_scores(block), *part)
             else:  # [rows, n_items]; every score is checked finite
-                self.collector.add(_at_least_float32(net.score(block)), *part)
+                self.collector.add(at_least_float32(net.score(block)), *part)
 
     def _rank_factors(self, f: api.ScoreFactors, targets, position, history) -> None:
         """Ranks without the score matrix, in row blocks, resolved up to the rank cap."""
@@ -224,8 +224,3 @@ class EvalLoop:
 
 def _shapes(state: api.State) -> list[torch.Size]:
     return [x.shape[1:] for x in state]
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """Scores for ranking: float32 where the network computed them in half precision."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -15,11 +15,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from hrnn_lit import distributed
 from hrnn_lit.data.batching import Chunk, Steps
 from hrnn_lit.evaluation.evaluator import Evaluation
 from hrnn_lit.evaluation.loop import EvalLoop
 from hrnn_lit.models.knn import ItemKNNNet, VSKNNNet, check_int
-from hrnn_lit.models.module import eval_gather, log_val
 from hrnn_lit.models.popularity import PopNet, UserPopNet
 
 Counts = np.ndarray | list[int] | None
@@ -58,7 +58,7 @@ class BaselineRecommender(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if len(self.evaluation.collector) or torch.distributed.is_initialized():
-            log_val(self, self.evaluation.finish("val", eval_gather()))
+            self.evaluation.log(self, "val", distributed.eval_gather())
 
     def on_test_epoch_start(self) -> None:
         self.eval_loop.begin(self.net, self.evaluation.begin())
@@ -67,7 +67,7 @@ class BaselineRecommender(pl.LightningModule):
         self.eval_loop.chunk(batch)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.evaluation.finish("test", eval_gather()))
+        self.evaluation.log(self, "test", distributed.eval_gather())
 
 
 class Pop(BaselineRecommender):

@@ -6,6 +6,7 @@ of each epoch, so a checkpoint never takes bad weights."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -49,3 +50,12 @@ class LossChecks:
             f"{batch_idx}, update {first_update + t} (time step {t} of the batch); last finite "
             f"loss: {last}. {kept_weights()}; lower model.lr or set model.clip_grad_norm"
         )
+
+
+def kept_weights(trainer) -> str:
+    """Where the last good weights are, for a stop message."""
+    ckpt = trainer.checkpoint_callback if trainer is not None else None
+    last = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
+    if last and os.path.isfile(last):
+        return f"{last} holds the last good weights"
+    return "No checkpoint was written"

@@ -2,91 +2,41 @@
 (``hrnn_lit.nets.api``): the built-in session RNN, RNN Concat and HRNN variants
 (``RecurrentCore``) or a user's own ``model.net``.
 
-One Lightning batch is a chunk of T time steps of the user-parallel plan ([T, B] tensors).
-Each time step is one optimiser update (no back-propagation through time, docs/design.md
-§2): states are carried from step to step detached, and across chunks on the module. Two
-engines make the update:
-- ``autograd``: the network's forward (``start``, ``step``, ``score``), the loss, and
-  ``manual_backward``; item tables get row-sparse gradients. Any network.
-- ``manual``: the built-in networks' update written by hand (``models/update.py``, with C
-  kernels on CPU) and, with ``cuda_graph=True`` on one GPU, replayed as one captured CUDA
-  graph (``models/graph_step.py``); evaluation replays only the rows that matter and ranks
-  the catalogue in blocks without the score matrix. Both are tested against the autograd
-  engine and the network's own forward.
-``engine="auto"`` picks ``manual`` for the built-in networks and ``autograd`` otherwise.
-Evaluation replays each user's history, then ranks every scored target against the whole
-catalogue.
+A Lightning batch is a chunk of T time steps of the user-parallel plan ([T, B] tensors);
+``training_step`` is the one training loop (docs/design.md §10): one optimiser update per
+time step, states carried detached (no back-propagation through time, §2). Evaluation is
+the component it holds (``evaluation.loop.EvalLoop``): each user's history replayed, every
+scored target ranked against the whole catalogue (§6).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.plugins.precision import MixedPrecision
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from hrnn_lit import distributed
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import Evaluation
-from hrnn_lit.evaluation.loop import EvalLoop
+from hrnn_lit.evaluation.loop import EvalLoop, starts_at
+from hrnn_lit.models import precision
 from hrnn_lit.models.engine import build_net, resolve_engine
-from hrnn_lit.models.loss_checks import LossChecks
+from hrnn_lit.models.loss_checks import LossChecks, kept_weights
 from hrnn_lit.nets import api
 from hrnn_lit.nets.api import check_model
 from hrnn_lit.nets.recurrent import RecurrentCore
+from hrnn_lit.ops.activations import at_least_float32
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
-
-
-def eval_gather():
-    """How evaluation gathers per-event ranks: across data-parallel ranks, or not at all."""
-    dist = torch.distributed
-    parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return distributed.gather_cat if parallel else None
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """Scores for the loss and the ranks: float32 where autocast made them half precision."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def log_val(module: pl.LightningModule, metrics: dict[str, float]) -> None:
-    """Validation metrics to the loggers; recall and MRR at the largest K to the progress bar."""
-    head = module.evaluation.headline(metrics)
-    module.log_dict({k: v for k, v in metrics.items() if k not in head})
-    module.log_dict(head, prog_bar=True)
-
-
-def chunk_starts(batch: Chunk, t: int) -> api.Starts:
-    """The session and user starts of time step t of a chunk."""
-    lo, hi = batch.next_session_offsets[t], batch.next_session_offsets[t + 1]
-    return api.Starts(
-        batch.session_start[t], batch.user_start[t], batch.next_session_rows[lo:hi]
-    )
-
-
-def _cpu_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's check)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return True  # unknown: no warning
-
-
-def _bf16_mixed(plugin) -> bool:
-    """Lightning's bf16-mixed precision (autocast, no gradient scaler)."""
-    return isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed"
 
 
 class RecurrentRecommender(pl.LightningModule):
@@ -163,11 +113,6 @@ class RecurrentRecommender(pl.LightningModule):
         self.eval_loop = EvalLoop(n_items, eval_block)
 
     @property
-    def core(self) -> torch.nn.Module:
-        """The network (``net``; the name the built-in engine's code uses)."""
-        return self.net
-
-    @property
     def eval_metrics(self) -> dict[str, dict[str, float]]:
         return self.evaluation.metrics
 
@@ -192,11 +137,7 @@ class RecurrentRecommender(pl.LightningModule):
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def on_fit_start(self) -> None:
-        if self._mm_dtype is not None and self.device.type == "cpu" and not _cpu_bf16():
-            rank_zero_warn(
-                "trainer.precision=bf16-mixed on a CPU without native bfloat16 matrix "
-                "products (AVX512-BF16/AMX): they are emulated, slower than float32"
-            )
+        precision.warn_if_emulated(self.trainer, self.device)
 
     def on_train_start(self) -> None:
         self.checks.unchecked.clear()
@@ -226,14 +167,6 @@ class RecurrentRecommender(pl.LightningModule):
         if extra["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(extra["cuda_rng"])
 
-    @property
-    def _mm_dtype(self) -> torch.dtype | None:
-        """bfloat16 under ``trainer.precision=bf16-mixed``: the dtype of the fused loss's
-        two backward products; None: float32."""
-        trainer = self._trainer
-        bf16 = trainer is not None and _bf16_mixed(trainer.precision_plugin)
-        return torch.bfloat16 if bf16 else None
-
     def training_step(self, batch: Chunk, batch_idx: int) -> None:
         """One update per time step (no back-propagation through time): the start rules,
         one step, the loss of the candidates' scores, ``manual_backward`` of the loss times
@@ -259,16 +192,16 @@ class RecurrentRecommender(pl.LightningModule):
             for t in range(T):
                 state = api.detach(state)
                 if batch.any_start[t]:
-                    state = net.start(state, chunk_starts(batch, t))
+                    state = net.start(state, starts_at(batch, t))
                 state = net.step(inp[t], state)
                 bias = None if logq is None else logq[t]
                 if self.fused:
                     loss = sampled_loss(
                         net.score_factors(state), steps[t], valid[t], hp.loss, hp.bpreg, bias,
-                        self._mm_dtype,
+                        precision.product_dtype(self.trainer),
                     )  # fmt: skip
                 else:
-                    scores = _at_least_float32(net.score(state, cand[t]))  # [B, B + S]
+                    scores = at_least_float32(net.score(state, cand[t]))  # [B, B + S]
                     if bias is not None:  # training scores only: the logQ correction
                         scores = scores - bias.to(scores.dtype)
                     loss = self.loss_fn(scores, valid[t])
@@ -316,15 +249,7 @@ class RecurrentRecommender(pl.LightningModule):
         self._check_finite()
 
     def _check_finite(self, behind: int = 0) -> None:
-        self.checks.check(self._kept_weights, behind)
-
-    def _kept_weights(self) -> str:
-        """Where the last good weights are, for a stop message."""
-        ckpt = self._trainer.checkpoint_callback if self._trainer is not None else None
-        last = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
-        if last and os.path.isfile(last):
-            return f"{last} holds the last good weights"
-        return "No checkpoint was written"
+        self.checks.check(lambda: kept_weights(self._trainer), behind)
 
     # ----------------------------------------------------------- evaluation
     # one pass per stage through the evaluation loop (hrnn_lit.evaluation.loop), whatever
@@ -337,7 +262,7 @@ class RecurrentRecommender(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if len(self.evaluation.collector) or torch.distributed.is_initialized():
-            log_val(self, self.evaluation.finish("val", eval_gather()))
+            self.evaluation.log(self, "val", distributed.eval_gather())
 
     def on_test_epoch_start(self) -> None:
         self.eval_loop.begin(self.net, self.evaluation.begin())
@@ -346,4 +271,4 @@ class RecurrentRecommender(pl.LightningModule):
         self.eval_loop.chunk(batch)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.evaluation.finish("test", eval_gather()))
+        self.evaluation.log(self, "test", distributed.eval_gather())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hrnn_lit.nets.api import Starts
+from hrnn_lit.nets.api import ScoreFactors, Starts, linear_scores
 
 
 class AttentionHRNN(nn.Module):
@@ -59,8 +59,10 @@ class AttentionHRNN(nn.Module):
         h, mem, filled = state
         return self.gru(self.item_emb(items), h), mem, filled
 
+    def score_factors(self, state: tuple[Tensor, ...]) -> ScoreFactors:
+        """Scores linear in the state, h . out_w[item] + out_b[item]: training fuses them
+        with the loss, evaluation ranks the catalogue without the score matrix."""
+        return ScoreFactors((self.drop(state[0]),), (self.out_w.weight,), self.out_b.weight)
+
     def score(self, state: tuple[Tensor, ...], items: Tensor | None = None) -> Tensor:
-        h = self.drop(state[0])
-        if items is None:  # the whole catalogue [B, n_items]
-            return torch.addmm(self.out_b.weight.T, h, self.out_w.weight.T)
-        return torch.addmm(self.out_b(items).T, h, self.out_w(items).T)  # [B, N]
+        return linear_scores(self.score_factors(state), items)  # [B, N] or [B, n_items]

@@ -67,3 +67,9 @@ def ranking_activation(name: str) -> str:
     by saturating into ties of its own making, else linear (a parametric activation is
     strictly increasing, so the order is the same; the official evaluation leaves it out)."""
     return name if name in ACTIVATIONS else "linear"
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """Scores for the losses and the ranks: float32 where autocast made them half precision
+    (bfloat16 scores would tie and round the loss)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
