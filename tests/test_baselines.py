@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from hrnn_lit.baselines.knn import ItemKNNNet, VSKNNNet
+from hrnn_lit.baselines.module import Pop
+from hrnn_lit.baselines.popularity import PopNet, UserPopNet, session_events
 from hrnn_lit.data.batching import PlanDataset, build_plan
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.loop import EvalLoop
-from hrnn_lit.models.baselines import Pop
-from hrnn_lit.models.knn import ItemKNNNet, VSKNNNet
-from hrnn_lit.models.popularity import PopNet, UserPopNet, session_events
 from hrnn_lit.run import run
 from tests.conftest import compose_cfg
 from tests.helpers import replay, steps_for

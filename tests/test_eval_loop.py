@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from hrnn_lit.baselines.popularity import PopNet
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.loop import EvalLoop, needed_rows
-from hrnn_lit.models.popularity import PopNet
 from hrnn_lit.nets.api import Starts
 from hrnn_lit.nets.attention_hrnn import AttentionHRNN
 from hrnn_lit.nets.history import HistoryHRNN

@@ -180,15 +180,16 @@ class RecurrentRecommender(pl.LightningModule):
         logq = self.sampler.logq_bias(cand, B, self.dtype)
         if self.fused:  # the fused op picks its own dtypes (mm_dtype)
             steps = chunk_candidates(cand, valid, self.item_counts.numel())
-            precision = torch.autocast(inp.device.type, enabled=False)
+            dtypes = torch.autocast(inp.device.type, enabled=False)
+            mm_dtype = precision.product_dtype(self.trainer)
         else:  # the network's own dtypes (autocast where asked)
-            precision = contextlib.nullcontext()
+            dtypes = contextlib.nullcontext()
         opt = self.optimizers()
         params = self._trained
         losses = torch.zeros(T, device=inp.device)
         shares = valid.sum(1).to(losses.dtype) / B  # [T] share of valid slots
         state = self._train_state or net.initial_state(B, inp.device)
-        with precision:
+        with dtypes:
             for t in range(T):
                 state = api.detach(state)
                 if batch.any_start[t]:
@@ -198,7 +199,7 @@ class RecurrentRecommender(pl.LightningModule):
                 if self.fused:
                     loss = sampled_loss(
                         net.score_factors(state), steps[t], valid[t], hp.loss, hp.bpreg, bias,
-                        precision.product_dtype(self.trainer),
+                        mm_dtype,
                     )  # fmt: skip
                 else:
                     scores = at_least_float32(net.score(state, cand[t]))  # [B, B + S]

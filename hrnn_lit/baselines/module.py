@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from hrnn_lit import distributed
+from hrnn_lit.baselines.knn import ItemKNNNet, VSKNNNet, check_int
+from hrnn_lit.baselines.popularity import PopNet, UserPopNet
 from hrnn_lit.data.batching import Chunk, Steps
 from hrnn_lit.evaluation.evaluator import Evaluation
 from hrnn_lit.evaluation.loop import EvalLoop
-from hrnn_lit.models.knn import ItemKNNNet, VSKNNNet, check_int
-from hrnn_lit.models.popularity import PopNet, UserPopNet
 
 Counts = np.ndarray | list[int] | None
 KS = (5, 10, 20)

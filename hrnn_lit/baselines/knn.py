@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hrnn_lit.baselines.popularity import WIDTH, BaselineNet, session_events
 from hrnn_lit.data.batching import Steps
 from hrnn_lit.errors import ConfigError
-from hrnn_lit.models.popularity import WIDTH, BaselineNet, session_events
 from hrnn_lit.nets.api import SparseScores, Starts, State
 
 WEIGHTINGS = ("same", "div", "quadratic", "log")  # V-SkNN position weight in the query
