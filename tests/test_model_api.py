@@ -158,7 +158,9 @@ def test_engine_choice_and_one_line_errors():
     assert RecurrentRecommender(n_items=dm_items).fused  # auto, scores with score_factors
     assert not RecurrentRecommender(n_items=dm_items, engine="autograd").fused
     net = {"_target_": "hrnn_lit.nets.attention_hrnn.AttentionHRNN", "hidden_size": 8}
-    assert not RecurrentRecommender(n_items=dm_items, net=net).fused
+    assert RecurrentRecommender(n_items=dm_items, net=net).fused  # it has score_factors
+    history = {"_target_": "hrnn_lit.nets.history.HistoryHRNN", "hidden_size": 8}
+    assert not RecurrentRecommender(n_items=dm_items, net=history).fused  # score() only
     with pytest.raises(ConfigError, match="model.engine=manual: the hand-written update"):
         RecurrentRecommender(n_items=dm_items, engine="manual")
     with pytest.raises(ConfigError, match="model.cuda_graph=true: the captured CUDA-graph step"):
@@ -249,13 +251,13 @@ def test_a_users_model_from_outside_the_repo_trains_through_searchpath_and_targe
         [f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "model=my_attention",
          "model.net.hidden_size=16"], tmp_path, tmp_path,
     )  # fmt: skip
-    assert res["model"] == "mine" and res["engine"] == "autograd"
+    assert res["model"] == "mine" and res["engine"] == "fused"  # it has score_factors
     assert 0 < res["test/recall@20"] <= 1 and res["perf/train_events_per_s"] > 0
     res = _run_cli(
         ["model=attention_hrnn", "model.net._target_=mymodels.attn.AttentionHRNN",
          "model.net.hidden_size=16"], tmp_path, tmp_path,
     )  # fmt: skip
-    assert res["engine"] == "autograd" and 0 < res["test/recall@20"] <= 1
+    assert res["engine"] == "fused" and 0 < res["test/recall@20"] <= 1
 
 
 def _section(text: str, heading: str) -> str:
@@ -312,7 +314,7 @@ def test_a_custom_network_trains_data_parallel_and_resumes(tmp_path):
             ])  # fmt: skip
 
     res = run(cfg(tmp_path / "ddp", "trainer=ddp", "callbacks=none"))
-    assert res["world_size"] == 2 and res["engine"] == "autograd"
+    assert res["world_size"] == 2 and res["engine"] == "fused"
     assert 0 < res["test/recall@20"] <= 1
     assert not torch.distributed.is_initialized()
     first = run(cfg(tmp_path / "one"))
