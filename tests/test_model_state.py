@@ -191,7 +191,7 @@ def test_session_start_rule_equals_the_dense_rule():
         us = torch.tensor([True, False, False, False, False])
         with torch.no_grad():
             got = m.net.start((h, c), starts(ss, us))
-            c_next = m.net.user_step(h, c)
+            c_next = m.net.user_gru(h, c)  # torch's GRU cell
             c_want = torch.where(us[:, None], 0.0, torch.where(ss[:, None], c_next, c))
             h0 = torch.tanh(m.net.w_init(c_want))
             h_want = torch.where(us[:, None], 0.0, torch.where(ss[:, None], h0, h))

@@ -10,7 +10,7 @@ from hrnn_lit.nets.api import ScoreFactors, linear_scores
 from hrnn_lit.ops import native
 from hrnn_lit.ops.activations import activation
 from hrnn_lit.ops.candidates import chunk_candidates
-from hrnn_lit.ops.gru import gru_cell
+from hrnn_lit.ops.gru import gru_cell, user_start
 from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.ops.optim import _rows
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
@@ -54,6 +54,38 @@ def test_gru_cell_equals_float64_autograd(kernels):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     for g, r in zip(_grads((out * w).sum(), xs), _grads((want * w.double()).sum(), ref)):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_user_start_equals_float64_autograd(kernels, act, dtype):
+    """The user-level rule as one op (user GRU, dropout, init projection, dropout) equals
+    autograd through torch's GRU cell and linear layer, with gradients for every weight
+    and for both input states."""
+    gen = torch.Generator().manual_seed(4)
+    R, H, U = 6, 5, 4
+    gru, init = torch.nn.GRUCell(H, U).to(dtype), torch.nn.Linear(U, H).to(dtype)
+    h = torch.randn(R, H, generator=gen).to(dtype).requires_grad_()
+    c = torch.randn(R, U, generator=gen).to(dtype).requires_grad_()
+    m_user = (torch.rand(R, U, generator=gen) > 0.3).to(dtype) / 0.7
+    m_init = (torch.rand(R, H, generator=gen) > 0.2).to(dtype) / 0.8
+    up_h, up_c = torch.randn(R, H, generator=gen), torch.randn(R, U, generator=gen)
+    h0, c1 = user_start(h, c, gru, init, act, m_user, m_init)
+    params = [h, c, *gru.parameters(), *init.parameters()]
+    got = _grads((h0 * up_h.to(dtype)).sum() + (c1 * up_c.to(dtype)).sum(), params)
+    gru64, init64 = torch.nn.GRUCell(H, U).double(), torch.nn.Linear(U, H).double()
+    gru64.load_state_dict(gru.state_dict())
+    init64.load_state_dict(init.state_dict())
+    h64, c64 = h.detach().double().requires_grad_(), c.detach().double().requires_grad_()
+    c_ref = gru64(h64, c64) * m_user.double()
+    h_ref = activation(act)(init64(c_ref)) * m_init.double()
+    want = _grads((h_ref * up_h.double()).sum() + (c_ref * up_c.double()).sum(),
+                  [h64, c64, *gru64.parameters(), *init64.parameters()])  # fmt: skip
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h0.double(), h_ref, **tol)
+    torch.testing.assert_close(c1.double(), c_ref, **tol)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, **tol)
 
 
 def test_rows_gradient_is_coalesced_one_row_per_distinct_item(kernels):

@@ -39,7 +39,7 @@ from hrnn_lit.ops.activations import (  # noqa: F401 (re-exported: config, tests
     activation_derivative,
     parse_activation,
 )
-from hrnn_lit.ops.gru import gru_cell, zero_rows
+from hrnn_lit.ops.gru import dropout_mask, gru_cell, user_start, zero_rows
 from hrnn_lit.ops.tables import rows
 
 PROPAGATIONS = ("none", "init", "all")
@@ -86,8 +86,9 @@ class RecurrentCore(nn.Module):
         self.user_to_output = user_to_output and self.hierarchical
         parse_activation(final_act)  # ValueError naming a wrong name
         self.final_act_name = final_act
+        if user_to_session_act not in ACTIVATIONS:
+            raise ValueError(f"user_to_session_act must be one of {sorted(ACTIVATIONS)}")
         self.init_act_name = user_to_session_act
-        self.init_act = ACTIVATIONS[user_to_session_act]
 
         self.input_mode = (
             "constrained" if constrained_embedding else "embedding" if embedding > 0 else "onehot"
@@ -145,8 +146,13 @@ class RecurrentCore(nn.Module):
         h, c = zero_rows(h, starts.user), zero_rows(c, starts.user)
         next_rows = starts.next_session_rows
         if next_rows.numel():
-            c_rows = self.drop_user(self.user_step(h[next_rows], c[next_rows]))
-            h_rows = self.drop_init(self.init_act(self.w_init(c_rows)))
+            R, (H, U) = next_rows.numel(), (self.hidden_size, self.user_hidden_size)
+            mask_user = dropout_mask(self.drop_user, (R, U), c)  # drawn in nn.Dropout's order
+            mask_init = dropout_mask(self.drop_init, (R, H), h)
+            h_rows, c_rows = user_start(
+                h[next_rows], c[next_rows], self.user_gru, self.w_init, self.init_act_name,
+                mask_user, mask_init,
+            )  # fmt: skip
             c = c.index_copy(0, next_rows, c_rows)
             h = h.index_copy(0, next_rows, h_rows)
         return h, c
@@ -202,10 +208,3 @@ class RecurrentCore(nn.Module):
         if drop:
             x = self.drop_embed(x)
         return torch.addmm(self.bias_in, x, self.w_in.weight.T)
-
-    def user_step(self, h: Tensor, c: Tensor) -> Tensor:
-        """The user GRU (``user_gru``'s weights) on session states h [R, H] from c [R, U]."""
-        gru = self.user_gru
-        gi = torch.addmm(gru.bias_ih, h, gru.weight_ih.T)  # [R, 3U]
-        gh = torch.addmm(gru.bias_hh, c, gru.weight_hh.T)  # [R, 3U]
-        return gru_cell(gi, gh, c)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from hrnn_lit.ops import native
+from hrnn_lit.ops.activations import activation, activation_derivative
 
 
 class _NativeGRUCell(torch.autograd.Function):
@@ -50,3 +51,92 @@ def zero_rows(x: Tensor, rows: Tensor) -> Tensor:
     if x.device.type == "cpu":
         return x.index_fill(0, rows.nonzero().view(-1), 0.0)
     return x.masked_fill(rows[:, None], 0.0)
+
+
+def _gates(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(new state, the gates [r, z] [R, 2K], the candidate n [R, K]) of the cell."""
+    if h.device.type == "cpu":
+        out = native.gru_forward(gi, gh, h)
+        if out is not None:
+            return out
+    K = h.shape[1]
+    rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])
+    n = torch.tanh(torch.addcmul(gi[:, 2 * K :], rz[:, :K], gh[:, 2 * K :]))
+    return torch.lerp(n, h, rz[:, K:]), rz, n
+
+
+def _gates_backward(dh: Tensor, h: Tensor, rz: Tensor, n: Tensor, gh: Tensor):
+    """(d gi, d gh) [R, 3K] from d h' [R, K]: the C kernel on CPU float32, else torch."""
+    if dh.device.type == "cpu":
+        out = native.gru_backward(dh.contiguous(), h, rz, n, gh)
+        if out is not None:
+            return out
+    K = h.shape[1]
+    r, z = rz[:, :K], rz[:, K:]
+    da_n = dh * (1 - z) * (1 - n * n)
+    da_z = dh * (h - n) * z * (1 - z)
+    da_r = da_n * gh[:, 2 * K :] * r * (1 - r)
+    dgi = torch.cat([da_r, da_z, da_n], 1)
+    return dgi, torch.cat([da_r, da_z, da_n * r], 1)
+
+
+class _UserStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, c, w_ih, b_ih, w_hh, b_hh, w_init, b_init, act, mask_user, mask_init):
+        gi = torch.addmm(b_ih, h, w_ih.T)  # [R, 3U]
+        gh = torch.addmm(b_hh, c, w_hh.T)  # [R, 3U]
+        c_new, rz, n = _gates(gi, gh, c)
+        c_out = c_new if mask_user is None else c_new * mask_user
+        y = activation(act)(torch.addmm(b_init, c_out, w_init.T))  # [R, H]
+        h0 = y if mask_init is None else y * mask_init
+        ctx.act = act
+        ctx.save_for_backward(h, c, rz, n, gh, c_out, y, w_ih, w_hh, w_init, mask_user, mask_init)
+        return h0, c_out
+
+    @staticmethod
+    def backward(ctx, dh0, dc_out):
+        h, c, rz, n, gh, c_out, y, w_ih, w_hh, w_init, mask_user, mask_init = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        da = dh0 if mask_init is None else dh0 * mask_init
+        d_act = activation_derivative(ctx.act, y)
+        if d_act is not None:
+            da = da * d_act  # d (W_init c + b_init) [R, H]
+        dc = da @ w_init if dc_out is None else torch.addmm(dc_out, da, w_init)  # [R, U]
+        if mask_user is not None:
+            dc = dc * mask_user
+        dgi, dgh = _gates_backward(dc, c, rz, n, gh)
+        U = c.shape[1]
+        return (
+            dgi @ w_ih if need[0] else None,
+            dgh @ w_hh + dc * rz[:, U:] if need[1] else None,
+            dgi.T @ h if need[2] else None,
+            dgi.sum(0) if need[3] else None,
+            dgh.T @ c if need[4] else None,
+            dgh.sum(0) if need[5] else None,
+            da.T @ c_out if need[6] else None,
+            da.sum(0) if need[7] else None,
+            None, None, None,
+        )
+
+
+def user_start(
+    h: Tensor, c: Tensor, gru: torch.nn.GRUCell, init: torch.nn.Linear, act: str,
+    mask_user: Tensor | None = None, mask_init: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The hierarchical RNN's user-level rule at a known user's next session, as one op:
+    c' = GRU_usr(h, c) * mask_user, h0 = act(W_init c' + b_init) * mask_init, from the
+    session states h [R, H] and user states c [R, U] of those rows: (h0 [R, H], c' [R, U]).
+    The masks are dropout masks (scaled by 1 / (1 - p)) or None."""  # fmt: skip
+    return _UserStart.apply(
+        h, c, gru.weight_ih, gru.bias_ih, gru.weight_hh, gru.bias_hh, init.weight, init.bias,
+        act, mask_user, mask_init,
+    )  # fmt: skip
+
+
+def dropout_mask(module: torch.nn.Dropout, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+    """``module``'s mask for a tensor of ``shape`` (scaled by 1 / (1 - p)), from the draws
+    ``module`` itself would make; None where it would draw nothing (p = 0, evaluation)."""
+    p = module.p if module.training else 0.0
+    if p <= 0:
+        return None
+    return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
