@@ -64,6 +64,9 @@ def _tree() -> Path:
 
 TREE = _tree()
 sys.path.insert(0, str(TREE))  # before anything imports hrnn_lit
+# the tree's hrnn_lit first, as in a real run: it sets OpenMP's spin (GOMP_SPINCOUNT) before
+# torch loads, which decides how well a step's parallel regions use the second core
+import hrnn_lit  # noqa: E402, F401
 
 STEPS_PER_BATCH = 64  # time steps per chunk, as conf/data
 EVAL_BATCH = 512
@@ -325,7 +328,6 @@ def bench_config(name: str, args) -> dict:
         rss = rss or peak_rss_mb()
         _log(f"{name} repeat {r}: {runs[-1]['train_events_per_s']:,.0f} train ev/s, "
              f"{runs[-1]['eval_events_per_s']:,.0f} eval ev/s ({runs[-1]['engine']})")  # fmt: skip
-    import hrnn_lit
 
     return {
         "setting": dataclasses.asdict(s),
