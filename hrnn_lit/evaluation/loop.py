@@ -152,25 +152,9 @@ class EvalLoop:
         return torch.from_numpy(rows).to(device)
 
     def _put_rows(self, state: api.State, rows: Tensor, sub: api.State) -> api.State:
-        """``state`` with the slots ``rows`` set to the first rows of ``sub`` (a tensor
-        that grew in ``sub`` is widened first, see ``api``)."""
-        out = []
-        for i, (full, part) in enumerate(zip(state, sub)):
-            part = part[: rows.numel()]
-            if part.shape[1:] != full.shape[1:]:
-                full = self._widen(i, full, part.shape[1:])
-            out.append(full.index_copy(0, rows, part))
-        return tuple(out)
-
-    def _widen(self, i: int, full: Tensor, shape: torch.Size) -> Tensor:
-        if any(a > b for a, b in zip(full.shape[1:], shape)) or len(shape) != full.dim() - 1:
-            raise ValueError(f"{type(self.net).__name__}: a state tensor may only grow")
         if self._empty is None:
-            self._empty = self.net.initial_state(1, full.device)
-        fill = self._empty[i].reshape(-1)[0] if self._empty[i].numel() else 0
-        wide = full.new_full((full.shape[0], *shape), fill)
-        wide[(slice(None), *(slice(0, s) for s in full.shape[1:]))] = full
-        return wide
+            self._empty = self.net.initial_state(1, rows.device)
+        return api.put_rows(state, rows, sub, self._empty, type(self.net).__name__)
 
     # ----------------------------------------------------------------- ranking
     def _rank(self, batch: Chunk, t0: int, t1: int, parts: list[api.State]) -> None:

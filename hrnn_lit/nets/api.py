@@ -161,3 +161,22 @@ def select(state: State, idx: Tensor) -> State:
 def cat(states: list[State]) -> State:
     """States of row sets concatenated along the slots."""
     return tuple(torch.cat(xs) for xs in zip(*states))
+
+
+def put_rows(state: State, rows: Tensor, sub: State, fresh: State, name: str = "model") -> State:
+    """``state`` with the slots ``rows`` set to the first rows of ``sub``. A tensor that grew
+    in ``sub`` is widened first, its new entries filled with the first entry of ``fresh``
+    (a fresh slot's state, ``initial_state(1, ...)``); a tensor may only grow."""
+    out = []
+    for i, (full, part) in enumerate(zip(state, sub)):
+        part = part[: rows.numel()]
+        if part.shape[1:] != full.shape[1:]:
+            shape = part.shape[1:]
+            if len(shape) != full.dim() - 1 or any(a > b for a, b in zip(full.shape[1:], shape)):
+                raise ValueError(f"{name}: a state tensor may only grow")
+            fill = fresh[i].reshape(-1)[0] if fresh[i].numel() else 0
+            wide = full.new_full((full.shape[0], *shape), fill)
+            wide[(slice(None), *(slice(0, s) for s in full.shape[1:]))] = full
+            full = wide
+        out.append(full.index_copy(0, rows, part))
+    return tuple(out)
