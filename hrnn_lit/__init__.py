@@ -21,3 +21,13 @@ __version__ = "0.1.0"
 _warnings.filterwarnings(
     "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema"
 )
+
+
+def __getattr__(name: str):
+    """``from hrnn_lit import Recommender`` (imported on first use: torch loads after the
+    OpenMP setting above)."""
+    if name == "Recommender":
+        from hrnn_lit.recommend import Recommender
+
+        return Recommender
+    raise AttributeError(f"module 'hrnn_lit' has no attribute {name!r}")

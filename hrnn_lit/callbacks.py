@@ -211,9 +211,13 @@ class RunRecord(pl.Callback):
     resumed run it also applies the configured lr, momentum and weight decay to the restored
     optimiser (``changed``: what differed)."""
 
-    def __init__(self, model_config: dict | None = None, data: dict | None = None) -> None:
+    def __init__(
+        self, model_config: dict | None = None, data: dict | None = None,
+        recommend: dict | None = None,
+    ) -> None:  # fmt: skip
         self.model_config = model_config
         self.data = data  # the plan settings (checkpoints.PLAN_KEYS)
+        self.recommend = recommend  # item ids, session rule (hrnn_lit.recommend.checkpoint)
         self.changed: dict[str, list] = {}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -227,6 +231,10 @@ class RunRecord(pl.Callback):
             "data": self.data,
             "wandb_id": wandb_id,
         }
+        if self.recommend is not None:
+            from hrnn_lit.recommend.recommender import PAYLOAD_KEY
+
+            checkpoint[PAYLOAD_KEY] = self.recommend
 
     def on_train_start(self, trainer, pl_module) -> None:
         from hrnn_lit.checkpoints import apply_optimizer_hparams

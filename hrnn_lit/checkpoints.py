@@ -211,12 +211,30 @@ def explicit_overrides() -> list[str] | None:
         return None
 
 
+def saved_model_config(ckpt: dict) -> dict | None:
+    """The model config a checkpoint was built from (a network class of an earlier layout
+    named at its new place), or None when it carries none (an older version wrote it)."""
+    saved = (ckpt.get(RECORD_KEY) or {}).get("model_config")
+    if not saved:
+        return None
+    saved = copy.deepcopy(saved)
+    net = saved.get("net")
+    if isinstance(net, dict) and net.get("_target_") in MOVED:
+        net["_target_"] = MOVED[net["_target_"]]
+    return saved
+
+
+def load_weights(model, ckpt: dict) -> None:
+    """The checkpoint's weights into ``model`` (after ``check_fits``)."""
+    model.load_state_dict(state_dict_of(ckpt))
+
+
 def model_config_for_test(cfg: DictConfig, ckpt: dict, path: Path) -> str | None:
     """``mode=test``: the model config comes from the checkpoint (``cfg.model`` replaced;
     ``model.key=value`` overrides on the command line still apply). An explicit ``model=X``
     that names another model stops with one line. Returns the line to print, or None when
     the checkpoint carries no model config (written by an older version)."""
-    saved = (ckpt.get(RECORD_KEY) or {}).get("model_config")
+    saved = saved_model_config(ckpt)
     if not saved:
         return None
     overrides = explicit_overrides() or []
@@ -237,10 +255,7 @@ def model_config_for_test(cfg: DictConfig, ckpt: dict, path: Path) -> str | None
                 + "; ".join(diffs[:3])
                 + "): drop model= to use the checkpoint's model config"
             )
-    model = OmegaConf.create(copy.deepcopy(saved))
-    moved = MOVED.get(OmegaConf.select(model, "net._target_") or "")
-    if moved:  # a network class of an earlier layout: the same class, now here
-        model.net._target_ = moved
+    model = OmegaConf.create(saved)
     for o in overrides:  # model.key=value on the command line: its composed value
         if o.startswith(("model.", "+model.", "++model.")) and "=" in o:
             key = o.lstrip("+").split("=", 1)[0]

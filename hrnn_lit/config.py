@@ -13,7 +13,7 @@ from hrnn_lit.nets.recurrent import ACTIVATIONS, PROPAGATIONS, RESETS, parse_act
 from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.ops.optim import KINDS as OPTIMIZERS
 
-MODES = ("train", "test", "prepare")
+MODES = ("train", "test", "prepare", "recommend")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "64-true")  # 64-true: float64, reference checks
 # keys of the built-in network (conf/model/hrnn_init.yaml): a custom model.net has its own
 BUILTIN_NET_KEYS = (
@@ -67,6 +67,14 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.steps_per_batch", 1)
     _choice(cfg, "data.fit_split", ("valid_train", "train"))
     if cfg.mode == "prepare":
+        return
+    if cfg.mode == "recommend":
+        if not cfg.get("ckpt_path"):
+            raise ConfigError("ckpt_path must name a checkpoint when mode=recommend")
+        _int(cfg, "recommend.k", 1)
+        _choice(cfg, "recommend.at", ("next", "new_session"))
+        _choice(cfg, "recommend.exclude", ("none", "session", "history"))
+        _int(cfg, "recommend.session_gap", 0, optional=True)
         return
     if cfg.mode == "test" and not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path must name a checkpoint when mode=test")

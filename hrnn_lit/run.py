@@ -27,6 +27,7 @@ from hrnn_lit.loggers import (
     name_wandb_runs,
     resume_wandb_runs,
 )
+from hrnn_lit.recommend import checkpoint as recommending
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -219,7 +220,9 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
         torch.manual_seed(cfg.seed * 1000 + world.rank)  # own negatives and dropout per rank
     throughput = Throughput()
     record = RunRecord(
-        OmegaConf.to_container(cfg.model, resolve=True), checkpoints.plan_settings(dm)
+        OmegaConf.to_container(cfg.model, resolve=True),
+        checkpoints.plan_settings(dm),
+        recommending.payload(cfg, dm),  # item ids and session rule: recommending needs them
     )
     guard = runtime.ContentionGuard(adapt=not cfg.get("num_threads"), verbose=world.is_main)
     callbacks = [throughput, record, guard]
@@ -251,6 +254,11 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
     finally:
         finish(loggers)
     if world.is_main:
+        last = checkpoints.checkpoint_dir(cfg) / "last.ckpt"
+        if cfg.mode == "train" and last.is_file() and getattr(model, "trainable", True):
+            # the users with their states after their training events (mode=recommend)
+            rec = recommending.recommender_for(model, record.recommend, model.device)
+            recommending.store_users(last, rec, dm.splits.train)
         write_json(out / "results.json", results)
         print(format_metrics(results))
         print(f"results: {out / 'results.json'}")
@@ -321,6 +329,10 @@ def _fit_and_test(cfg, dm, model, callbacks, loggers, throughput, world, ckpt_fi
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     own_network(cfg, checkpoints.explicit_overrides())  # a swapped model.net: its own name
+    if cfg.mode == "recommend":
+        from hrnn_lit.recommend.cli import recommend
+
+        return recommend(cfg)
     return prepare(cfg) if cfg.mode == "prepare" else train(cfg)
 
 
