@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hrnn_lit.errors import ConfigError
 
+FITTED_KEY = "hrnn_lit_fitted"  # a baseline's tables fitted from data (save_fitted)
 RECORD_KEY = "hrnn_lit_run"  # what RunRecord adds to a checkpoint: model config, W&B run id
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")  # applied to a resumed optimiser
 # network classes that moved (issue 27's layout): checkpoints name them by their old path
@@ -225,8 +226,27 @@ def saved_model_config(ckpt: dict) -> dict | None:
 
 
 def load_weights(model, ckpt: dict) -> None:
-    """The checkpoint's weights into ``model`` (after ``check_fits``)."""
+    """The checkpoint's weights into ``model`` (after ``check_fits``), and a baseline's
+    tables fitted from data (``save_fitted``), whatever their sizes."""
+    for name, table in (ckpt.get(FITTED_KEY) or {}).items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = table
     model.load_state_dict(state_dict_of(ckpt))
+
+
+def save_fitted(path: Path, model, extra: dict) -> None:
+    """A checkpoint of a model fitted from data without training (the baselines): its
+    buffers (sized by the data) and ``extra`` entries, written atomically."""
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        FITTED_KEY: {k: v.detach().cpu() for k, v in model.named_buffers()},
+        **extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.fitted.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
 
 
 def model_config_for_test(cfg: DictConfig, ckpt: dict, path: Path) -> str | None:

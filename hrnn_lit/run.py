@@ -255,7 +255,12 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
         finish(loggers)
     if world.is_main:
         last = checkpoints.checkpoint_dir(cfg) / "last.ckpt"
-        if cfg.mode == "train" and last.is_file() and getattr(model, "trainable", True):
+        saving = OmegaConf.select(cfg, "callbacks.model_checkpoint") is not None
+        if cfg.mode == "train" and saving and not getattr(model, "trainable", True):
+            entries = {"model_config": record.model_config, "data": record.data}
+            checkpoints.save_fitted(last, model, {checkpoints.RECORD_KEY: entries,
+                                                  recommending.PAYLOAD_KEY: record.recommend})
+        if cfg.mode == "train" and last.is_file():
             # the users with their states after their training events (mode=recommend)
             rec = recommending.recommender_for(model, record.recommend, model.device)
             recommending.store_users(last, rec, dm.splits.train)

@@ -20,6 +20,8 @@ from hrnn_lit.errors import ConfigError
 from hrnn_lit.recommend.ids import Ids
 from hrnn_lit.recommend.recommender import PAYLOAD_KEY, Recommender
 
+__all__ = ["PAYLOAD_KEY", "load", "payload", "recommender_for", "store_users"]
+
 EVENTS_COLUMNS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp",
                   "time_unit": "s", "separator": None}  # fmt: skip
 
