@@ -52,12 +52,12 @@ class RatingsSpec:
 
     n_users: int = 2_000
     n_items: int = 3_000
-    n_factors: int = 16
+    n_factors: int = 8
     mean_sessions: float = 8.0
     max_sessions: int = 100
     mean_session_len: float = 6.0
     max_session_len: int = 60
-    taste_scale: float = 2.0  # weight of taste against popularity in the logits
+    taste_scale: float = 3.0  # weight of taste against popularity in the logits
     drift: float = 0.35  # share of the taste replaced by fresh noise at each session start
     zipf_exponent: float = 1.0
     mean_step_s: float = 120.0  # mean seconds between ratings of a session (capped < 1800)
