@@ -318,7 +318,7 @@ class Recommender:
         """Top ``k`` per user, batched: columns ``user_id, rank, item_id, score`` (rank 1 is
         the best; equal scores in catalogue order). ``at``: next (the ongoing session's next
         item) or new_session (a new session's first item); ``exclude``: none, session (items
-        of the current session) or history (every item the user had)."""
+        of the ongoing session; a new one has none) or history (every item the user had)."""
         _check(k=k, at=at, exclude=exclude)
         user_ids = list(user_ids)
         if at == "new_session" and getattr(self.net, "session_only", False):
@@ -332,7 +332,7 @@ class Recommender:
             r = rows[lo : lo + block]
             with torch.no_grad():
                 s = at_least_float32(self.net.score(self._query(r, at))).clone()
-            if exclude != "none":
+            if exclude == "history" or (exclude == "session" and at == "next"):
                 exclude_items(s, current_items(self.users, r, exclude == "history"))
             items, values = top_k(s, k)
             parts.append((items.cpu().numpy(), values.double().cpu().numpy()))
