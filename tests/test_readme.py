@@ -3,6 +3,7 @@ option of conf/, its model table every model, and every command of its Run secti
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -145,3 +146,36 @@ def test_benchmarks_doc_shows_every_recorded_run():
             path.suffix == ".json" and path.with_suffix(".log").exists()
         ):
             assert f"### {path.name}" in doc
+
+
+def test_recommend_section_runs_as_written(tmp_path):
+    """The Recommend section's commands (the training one with TINY's sizes appended) and
+    its Python block, run as written in a directory holding an events.csv."""
+    text = section("Recommend")
+    bash = re.search(r"```bash\n(.*?)```", text, re.S).group(1).replace("\\\n", " ")
+    commands = [shlex.split(line.split("#")[0]) for line in bash.splitlines() if line.strip()]
+    assert [c[:3] for c in commands] == [["python", "-m", "hrnn_lit"]] * 2
+    train, recommend = commands
+    p = subprocess.run([sys.executable, *train[1:], *TINY, "logger=none"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    (tmp_path / "events.csv").write_text(
+        "user_id,item_id,timestamp\n7,42,1700000000\n7,43,1700000060\n99999,42,1700000000\n"
+    )
+    p = subprocess.run([sys.executable, *recommend[1:]], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = (tmp_path / "recs.csv").read_text().splitlines()
+    assert out[0] == "user_id,rank,item_id,score" and len(out) == 1 + 2 * 20
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    namespace: dict = {}
+    cwd = Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    rec, recs = namespace["rec"], namespace["recs"]
+    known = rec.items.index(42)
+    assert known >= 0 and rec.users.history[rec.users.rows[7]][-1] == known
+    assert recs.columns == ["user_id", "rank", "item_id", "score"] and recs.height == 10

@@ -1,4 +1,4 @@
-"""What a checkpoint carries for recommending (docs/design.md §12), and reading it back.
+"""What a checkpoint carries for recommending (docs/design.md §13), and reading it back.
 
 Every checkpoint of a run holds the item ids of the catalogue (index order), the session
 rule of the model's preprocessing and the events file's column settings; the run's final

@@ -1,5 +1,5 @@
 """``mode=recommend``: top-k items for each user of an events file, from a checkpoint
-(docs/design.md §12). The events are observed through ``Recommender.observe_many`` and
+(docs/design.md §13). The events are observed through ``Recommender.observe_many`` and
 ranked by ``recommend_many``: the Python API's code path."""
 
 from __future__ import annotations

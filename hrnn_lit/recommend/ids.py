@@ -1,4 +1,4 @@
-"""Original ids <-> indices: a checkpoint's item and user vocabularies (docs/design.md §12).
+"""Original ids <-> indices: a checkpoint's item and user vocabularies (docs/design.md §13).
 
 Ids are kept in the canonical form every reader gives them (``data.columns``): Int64 when
 all of a column's ids are integers, else text with integer ids in their integer form and
@@ -30,6 +30,7 @@ class Ids:
         self.is_int = series.dtype == pl.Int64
         self._frame = pl.DataFrame({"id": self.series, "idx": np.arange(len(series))})
         self._index: dict | None = None
+        self._list: list | None = None
 
     def __len__(self) -> int:
         return len(self.series)
@@ -60,7 +61,7 @@ class Ids:
     def index(self, value) -> int:
         """Index of one id (-1: unknown)."""
         if self._index is None:
-            self._index = {v: i for i, v in enumerate(self.series.to_list())}
+            self._index = {v: i for i, v in enumerate(self.as_list())}
         if isinstance(value, (bool, np.bool_)):
             return -1
         if isinstance(value, (int, np.integer)):
@@ -72,6 +73,12 @@ class Ids:
                     return -1
                 key = int(key)
         return self._index.get(key, -1)
+
+    def as_list(self) -> list:
+        """The ids as a Python list (index -> id), made once."""
+        if self._list is None:
+            self._list = self.series.to_list()
+        return self._list
 
     def values_at(self, idx: np.ndarray) -> pl.Series:
         """The original ids of indices ``idx``."""

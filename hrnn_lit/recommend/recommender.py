@@ -1,5 +1,5 @@
 """Top-k items for users of a trained model, each user's state carried from session to
-session as in training (docs/design.md §12). ``mode=recommend`` is built on this class.
+session as in training (docs/design.md §13). ``mode=recommend`` is built on this class.
 
 Events are observed in time order per user. A new session opens at a user's first event
 and after more than ``session_gap`` idle seconds, the rule of the model's preprocessing
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hrnn_lit.data.batching import build_plan
-from hrnn_lit.errors import ConfigError
+from hrnn_lit.errors import ConfigError, NumericalError
 from hrnn_lit.evaluation.loop import padded_rows
 from hrnn_lit.nets import api
 from hrnn_lit.ops.activations import at_least_float32
@@ -309,8 +309,10 @@ class Recommender:
 
     def recommend(self, user_id, k: int = 20, at: str = "next", exclude: str = "none") -> list:
         """The top ``k`` items for one user: ``[(item_id, score), ...]``, best first."""
-        frame = self.recommend_many([user_id], k, at, exclude)
-        return list(zip(frame.get_column("item_id").to_list(), frame.get_column("score").to_list()))
+        items, values = self._top([user_id], k, at, exclude)
+        ok = items[0] >= 0
+        ids = self.items.as_list()
+        return [(ids[i], float(v)) for i, v in zip(items[0][ok], values[0][ok])]
 
     def recommend_many(
         self, user_ids, k: int = 20, at: str = "next", exclude: str = "none"
@@ -319,25 +321,8 @@ class Recommender:
         the best; equal scores in catalogue order). ``at``: next (the ongoing session's next
         item) or new_session (a new session's first item); ``exclude``: none, session (items
         of the ongoing session; a new one has none) or history (every item the user had)."""
-        _check(k=k, at=at, exclude=exclude)
         user_ids = list(user_ids)
-        if at == "new_session" and getattr(self.net, "session_only", False):
-            self._say(f"recommend.at=new_session: {self.name} keeps no state across sessions, "
-                      "so its first-item recommendations are the same for every user")  # fmt: skip
-        rows = self.users.find([user_key(u) for u in user_ids])
-        n_items = len(self.items)
-        block = max(1, BLOCK_SCORES // max(n_items, 1))
-        parts = []
-        for lo in range(0, rows.size, block):
-            r = rows[lo : lo + block]
-            with torch.no_grad():
-                s = at_least_float32(self.net.score(self._query(r, at))).clone()
-            if exclude == "history" or (exclude == "session" and at == "next"):
-                exclude_items(s, current_items(self.users, r, exclude == "history"))
-            items, values = top_k(s, k)
-            parts.append((items.cpu().numpy(), values.double().cpu().numpy()))
-        items = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, k), np.int64)
-        values = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, k))
+        items, values = self._top(user_ids, k, at, exclude)
         ok = items >= 0  # fewer than k where exclusion left fewer items
         who = np.repeat(np.arange(len(user_ids)), ok.sum(1))
         users = pl.Series("user_id", user_ids, strict=False).gather(who) if user_ids else []
@@ -349,6 +334,31 @@ class Recommender:
                 "score": values[ok],
             }
         )
+
+    def _top(self, user_ids: list, k: int, at: str, exclude: str) -> tuple[np.ndarray, ...]:
+        """Items [n, k] (-1: none left) and their scores, in blocks of users."""
+        _check(k=k, at=at, exclude=exclude)
+        if at == "new_session" and getattr(self.net, "session_only", False):
+            self._say(f"recommend.at=new_session: {self.name} keeps no state across sessions, "
+                      "so its first-item recommendations are the same for every user")  # fmt: skip
+        rows = self.users.find([user_key(u) for u in user_ids])
+        n_items = len(self.items)
+        block = max(1, BLOCK_SCORES // max(n_items, 1))
+        parts = []
+        for lo in range(0, rows.size, block):
+            r = rows[lo : lo + block]
+            with torch.no_grad():
+                s = at_least_float32(self.net.score(self._query(r, at)))
+            if bool(torch.isnan(s).any()) or bool(torch.isposinf(s).any()):
+                raise NumericalError(f"{self.name}: some scores are not finite (NaN/inf)")
+            if exclude == "history" or (exclude == "session" and at == "next"):
+                s = s.clone()  # (a network may hand out a tensor it keeps)
+                exclude_items(s, current_items(self.users, r, exclude == "history"))
+            items, values = top_k(s, k)
+            parts.append((items.cpu().numpy(), values.double().cpu().numpy()))
+        if not parts:
+            return np.zeros((0, k), np.int64), np.zeros((0, k))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _say(self, line: str) -> None:
         if line not in self._said:

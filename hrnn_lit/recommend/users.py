@@ -1,4 +1,4 @@
-"""What a recommender knows of each user (docs/design.md §12): the network's state after the
+"""What a recommender knows of each user (docs/design.md §13): the network's state after the
 user's observed events, the pending item (the last one observed, the input of the next
 step: a session's last item is never stepped, as in training), the last event's time (the
 idle-gap rule), and the items observed, with where the current session begins (for
