@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import hrnn_lit  # noqa: F401  (its OpenMP setting, before torch loads)
+
+# isort: split
 import argparse
 import json
 import os
@@ -19,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import hrnn_lit  # noqa: F401  (its OpenMP setting before torch loads)
 import numpy as np
 import polars as pl
 import torch
@@ -85,7 +87,7 @@ def latency(n_items: int, hidden: int, n_users: int, n_calls: int) -> dict:
     rec.observe_many(hist)
     times = []
     ts = 1_800_000_000
-    for i in range(n_calls):
+    for _ in range(n_calls):
         user = int(rng.integers(n_users))
         item = int(rng.integers(n_items))
         ts += 30

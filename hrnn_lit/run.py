@@ -27,6 +27,7 @@ from hrnn_lit.loggers import (
     name_wandb_runs,
     resume_wandb_runs,
 )
+from hrnn_lit.models.engine import takes
 from hrnn_lit.recommend import checkpoint as recommending
 
 
@@ -182,10 +183,12 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
     if world.is_main:
         for line in dm.notices:  # data stage (generated / preprocessed / cache), clamps
             print(line)
+    users = {"n_users": dm.n_users} if takes(cfg.model.get("_target_"), "n_users") else {}
     model = _instantiate(
         cfg.model,
         _convert_="all",  # plain lists in hparams: checkpoints load with weights_only
         n_items=dm.n_items,
+        **users,  # the user vocabulary's size, for networks that learn per user
         item_counts=dm.item_counts,
         ks=list(cfg.eval.ks),
         ties=cfg.eval.ties,

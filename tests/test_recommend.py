@@ -2,7 +2,8 @@
 
 The replay test is the contract: observing a test split through the recommender, event by
 event, and ranking each next item among its full scores gives the ranks ``mode=test``
-gives on the same checkpoint, for a trained network, a swapped network and a baseline."""
+gives on the same checkpoint, for a trained network, swapped networks (one that learns per
+user from each step's ``api.Context``) and a baseline."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ MODELS = {
     "hrnn_init": ["model=hrnn_init"],
     "session_rnn": ["model=session_rnn"],
     "user_net": ["model=session_rnn", "model.net={_target_: tests.nets.TiedNet, hidden_size: 8}"],
+    "context_net": ["model=session_rnn", "model.net={_target_: tests.nets.ContextNet}"],
     "user_pop": ["model=user_pop"],
 }
 

@@ -30,6 +30,9 @@ class Steps:
     position: np.ndarray  # 1-based position of the target in its session (first target = 1)
     history: np.ndarray  # number of the user's earlier sessions in this sequence
     score: np.ndarray  # bool: this step's prediction is evaluated
+    time: np.ndarray  # Unix seconds of the input event (0 where the data gave none)
+    gap: np.ndarray  # seconds from the user's previous event to the input event (0: first)
+    user_index: np.ndarray  # the user in the model's user vocabulary (-1: not trained on)
 
     def __len__(self) -> int:
         return int(self.input.size)
@@ -40,10 +43,14 @@ def build_steps(
     user: np.ndarray,
     session: np.ndarray,
     score: np.ndarray | None = None,
+    time: np.ndarray | None = None,
+    user_index: np.ndarray | None = None,
 ) -> Steps:
     """Steps from events sorted by (user, session, time).
 
-    ``score`` marks events whose prediction counts (a step is scored when its target is).
+    ``score`` marks events whose prediction counts (a step is scored when its target is);
+    ``time`` (Unix seconds) and ``user_index`` (each event's user in the model's user
+    vocabulary) are what a network's ``context`` reports (zeros / -1 when not given).
     Sessions of one event give no step; their users still start cleanly.
     """
     n = item.size
@@ -66,6 +73,10 @@ def build_steps(
         position=(idx + 1 - ses_start_idx[idx]).astype(np.int64),
         history=(n_prev_sessions - user_base)[idx].astype(np.int64),
         score=np.ones(idx.size, bool) if score is None else score[idx + 1].astype(bool),
+        time=time[idx] if time is not None else np.zeros(idx.size, np.int64),
+        gap=np.where(user_first[idx], 0, time[idx] - time[np.maximum(idx - 1, 0)])
+        if time is not None else np.zeros(idx.size, np.int64),
+        user_index=user_index[idx] if user_index is not None else np.full(idx.size, -1),
     )
 
 
@@ -153,6 +164,9 @@ class Chunk:
     score: Tensor  # [T, B] bool: the prediction counts in evaluation
     position: Tensor  # [T, B] the target's position in its session
     history: Tensor  # [T, B] the user's number of earlier sessions
+    time: Tensor  # [T, B] the input event's Unix seconds
+    gap: Tensor  # [T, B] seconds since the user's previous event (0 at the first)
+    user_index: Tensor  # [T, B] the user in the model's user vocabulary (-1: unknown)
     next_session_rows: Tensor  # [R] slots starting a known user's next session, step-major
     next_session_offsets: list[int]  # [T + 1] where each step's rows begin in it (host)
     any_start: list[bool]  # [T] whether any slot starts a session (host)
@@ -207,6 +221,9 @@ class PlanDataset(torch.utils.data.Dataset):
             "score": score,
             "position": st.position[idx],
             "history": st.history[idx],
+            "time": st.time[idx],
+            "gap": st.gap[idx],
+            "user_index": np.where(valid, st.user_index[idx], -1),
         }
         # slots that continue a user into a new session (the user GRU runs on these only)
         t_idx, slots = np.nonzero(sstart & ~chunk["user_start"])

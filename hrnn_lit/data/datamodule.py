@@ -150,6 +150,11 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         self.item_ids = counts.get_column("item")
         self.item_counts = counts.get_column("n").to_numpy().astype(np.int64)
         self._vocab = counts.select("item", pl.int_range(pl.len(), dtype=pl.Int64).alias("idx"))
+        # the users a network may learn about (``api.Context.user``): the fit split's
+        self.user_ids = fit.get_column("user").unique().sort()
+        self._user_vocab = pl.DataFrame(
+            {"user": self.user_ids, "user_index": np.arange(self.user_ids.len(), dtype=np.int64)}
+        )
         self.fit_steps, _ = self._steps(fit)
         n_users = int(self.fit_steps.user_start.sum())
         if 0 < n_users < self.batch_size:  # slots no user could fill: same run, less memory
@@ -173,6 +178,11 @@ class SessionDataModule(pl_lightning.LightningDataModule):
         return int(self.item_counts.size)
 
     @property
+    def n_users(self) -> int:
+        """Users of the fit split: the vocabulary of ``api.Context.user``."""
+        return int(self.user_ids.len())
+
+    @property
     def has_validation(self) -> bool:
         return self.fit_split == "valid_train"
 
@@ -183,12 +193,15 @@ class SessionDataModule(pl_lightning.LightningDataModule):
     def _steps(self, frame: pl.DataFrame, scored: bool | None = None) -> tuple[Steps, int]:
         """Map items to catalogue indices (dropping unknown ones) and build steps."""
         df = frame.join(self._vocab, on="item", how="inner", maintain_order="left")
+        df = df.join(self._user_vocab, on="user", how="left", maintain_order="left")
         df = df.sort(["user", "session", "ts"], maintain_order=True)
         user = df.get_column("user").rank("dense").to_numpy()
         score = df.get_column("scored").to_numpy() if scored else None
         steps = build_steps(
-            df.get_column("idx").to_numpy(), user, df.get_column("session").to_numpy(), score
-        )
+            df.get_column("idx").to_numpy(), user, df.get_column("session").to_numpy(), score,
+            time=df.get_column("ts").cast(pl.Int64).to_numpy(),
+            user_index=df.get_column("user_index").fill_null(-1).to_numpy(),
+        )  # fmt: skip
         return steps, frame.height - df.height
 
     def _add_eval(self, stage: str, history: pl.DataFrame, heldout: pl.DataFrame) -> None:

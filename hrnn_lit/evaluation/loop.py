@@ -75,6 +75,12 @@ def starts_at(batch: Chunk, t: int, idx: Tensor | None = None, n: int = 0) -> ap
     return api.Starts(session, user, (session & ~user).nonzero().view(-1))
 
 
+def context_at(batch: Chunk, t: int, idx: Tensor | None = None) -> api.Context:
+    """The ``api.Context`` of time step t for all slots, or for the slots ``idx``."""
+    ctx = api.Context(batch.user_index[t], batch.time[t], batch.gap[t], batch.position[t])
+    return ctx if idx is None else ctx.rows(idx)
+
+
 class EvalLoop:
     """One evaluation pass at a time: ``begin(net, collector)``, then ``chunk(batch)`` for
     each chunk in plan order (the state is carried from one to the next). ``fast=False``:
@@ -105,6 +111,7 @@ class EvalLoop:
         starting = batch.session_start.cpu().numpy() & need  # (user starts are session starts)
         scored = batch.score.cpu().numpy()
         observe = getattr(net, "observe", None)
+        ctx = api.takes_context(net)
         pending: list[api.State] = []  # scored slots' states since time step t0
         t0 = 0
         for t in range(T):
@@ -115,13 +122,15 @@ class EvalLoop:
                 state = self._start(state, batch, t, np.flatnonzero(starting[t]))
             sel = np.flatnonzero(scored[t])
             if rows.size == B:  # every slot: step the state as it is
-                state = net.step(inp[t], state)
+                extra = (context_at(batch, t),) if ctx else ()
+                state = net.step(inp[t], state, *extra)
                 part = api.select(state, self._index(sel, inp.device))
                 if observe is not None:
                     state = observe(state, batch.target[t])
             else:
                 idx = self._index(padded_rows(rows, B), inp.device)
-                sub = net.step(inp[t, idx], api.select(state, idx))
+                extra = (context_at(batch, t, idx),) if ctx else ()
+                sub = net.step(inp[t, idx], api.select(state, idx), *extra)
                 part = api.select(sub, self._index(np.searchsorted(rows, sel), inp.device))
                 if observe is not None:
                     sub = observe(sub, batch.target[t, idx])

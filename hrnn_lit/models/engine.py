@@ -9,7 +9,7 @@ candidates' scores with the loss where the network's scores are a linear form of
 from __future__ import annotations
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from torch import nn
 
 from hrnn_lit.errors import ConfigError
@@ -36,13 +36,28 @@ def resolve_engine(engine: str, cuda_graph: bool = False) -> str:
     return engine
 
 
-def build_net(spec: dict, n_items: int) -> nn.Module:
-    """A user's network from its config (``_target_`` and arguments), given ``n_items``;
-    one-line ConfigError where it cannot be built or lacks the model API."""
+def takes(target, name: str) -> bool:
+    """Whether the class (or its dotted path) ``target`` takes the argument ``name``."""
+    import inspect
+
+    try:
+        cls = get_class(target) if isinstance(target, str) else target
+        return name in inspect.signature(cls).parameters
+    except Exception:  # not importable: instantiate says why
+        return False
+
+
+def build_net(spec: dict, n_items: int, n_users: int | None = None) -> nn.Module:
+    """A user's network from its config (``_target_`` and arguments), given ``n_items`` (and
+    ``n_users`` where its constructor takes it); one-line ConfigError where it cannot be
+    built or lacks the model API."""
     if "_target_" not in spec:
         raise ConfigError("model.net needs a _target_ (the network's class, e.g. pkg.mod.Net)")
+    sizes = {"n_items": n_items}
+    if n_users is not None and takes(spec["_target_"], "n_users"):
+        sizes["n_users"] = n_users
     try:
-        net = instantiate(spec, n_items=n_items)
+        net = instantiate(spec, **sizes)
     except InstantiationException as e:
         msg = str(e.__cause__ or e).strip().splitlines()
         raise ConfigError(f"model.net ({spec['_target_']}): {msg[-1] if msg else e}") from None

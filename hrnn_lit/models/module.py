@@ -25,9 +25,9 @@ from hrnn_lit import distributed
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import Evaluation
-from hrnn_lit.evaluation.loop import EvalLoop, starts_at
+from hrnn_lit.evaluation.loop import EvalLoop, context_at, starts_at
 from hrnn_lit.models import precision
-from hrnn_lit.models.engine import build_net, resolve_engine
+from hrnn_lit.models.engine import build_net, resolve_engine, takes
 from hrnn_lit.models.loss_checks import LossChecks, kept_weights
 from hrnn_lit.nets import api
 from hrnn_lit.nets.api import check_model
@@ -53,6 +53,7 @@ class RecurrentRecommender(pl.LightningModule):
         self,
         n_items: int,
         item_counts: np.ndarray | list[int] | None = None,
+        n_users: int | None = None,
         name: str = "hrnn_init",
         net: nn.Module | dict | None = None,
         engine: str = "auto",
@@ -77,6 +78,8 @@ class RecurrentRecommender(pl.LightningModule):
             net = OmegaConf.to_container(net, resolve=True)  # plain: checkpoints load safely
         instance = isinstance(net, nn.Module)  # (its arguments are not this module's)
         self.save_hyperparameters(ignore=["item_counts", *(["net"] if instance else [])])
+        if n_users is None or not isinstance(net, dict) or not takes(net["_target_"], "n_users"):
+            self.hparams.pop("n_users", None)  # (only a network that takes it needs it kept)
         self.automatic_optimization = False
         if loss not in LOSSES:
             raise ConfigError(f"model.loss must be one of {sorted(LOSSES)}, got {loss!r}")
@@ -90,7 +93,7 @@ class RecurrentRecommender(pl.LightningModule):
             check_model(net)
             self.net = net
         elif net is not None:
-            self.net = build_net(net, n_items)
+            self.net = build_net(net, n_items, n_users)
         else:
             self.net = RecurrentCore(n_items, **network)
         engine = resolve_engine(engine, cuda_graph)
@@ -194,7 +197,8 @@ class RecurrentRecommender(pl.LightningModule):
                 state = api.detach(state)
                 if batch.any_start[t]:
                     state = net.start(state, starts_at(batch, t))
-                state = net.step(inp[t], state)
+                extra = (context_at(batch, t),) if self._context else ()
+                state = net.step(inp[t], state, *extra)
                 bias = None if logq is None else logq[t]
                 if self.fused:
                     loss = sampled_loss(
@@ -225,6 +229,10 @@ class RecurrentRecommender(pl.LightningModule):
         # steps with one user left, where in-batch-only losses are 0)
         self.log("loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False,
                  batch_size=batch.n_events)  # fmt: skip
+
+    @functools.cached_property
+    def _context(self) -> bool:
+        return api.takes_context(self.net)
 
     @functools.cached_property
     def _trained(self) -> list[torch.nn.Parameter]:

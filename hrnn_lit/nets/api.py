@@ -9,7 +9,11 @@ after the first dimension).
 - ``initial_state(batch_size, device) -> state``: the state of fresh slots;
 - ``start(state, starts) -> state``: the rules at session and user starts (``Starts``),
   applied before the step of the time step where they happen;
-- ``step(items, state) -> state``: one step on the slots' input items [B];
+- ``step(items, state) -> state``: one step on the slots' input items [B]; a ``step``
+  with a third parameter, ``step(items, state, context)``, is also given the slots'
+  ``Context`` (user, event time, gap, position in the session): what session-aware models
+  learn from, and nothing for networks that do not ask. A constructor with an ``n_users``
+  parameter gets the size of the user vocabulary (for a learned user embedding);
 - ``score(state, items) -> scores``: scores [B, N] of candidate items [N] (training: the
   slots' targets, then sampled negatives), or of the whole catalogue [B, n_items] when
   ``items`` is None (evaluation).
@@ -71,6 +75,32 @@ class Starts:
         """The same starts for the slots ``idx`` only (evaluation on a subset of rows)."""
         session, user = self.session[idx], self.user[idx]
         return Starts(session, user, (session & ~user).nonzero().view(-1))
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a step knows besides its input items (for a ``step(items, state, context)``),
+    each [B]: ``user``, the slot's user in the model's user vocabulary (the fit split's
+    users in sorted order; -1 for a user it was not trained on); ``time``, the input event's
+    Unix seconds; ``gap``, seconds since the user's previous event (0 at the first);
+    ``position``, the input's 1-based position in its session."""
+
+    user: Tensor
+    time: Tensor
+    gap: Tensor
+    position: Tensor
+
+    def rows(self, idx: Tensor) -> Context:
+        return Context(self.user[idx], self.time[idx], self.gap[idx], self.position[idx])
+
+
+def takes_context(net: torch.nn.Module) -> bool:
+    """Whether the network's ``step`` takes a third argument, the ``Context``."""
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = inspect.signature(net.step).parameters.values()
+    return sum(p.kind in kinds for p in params) >= 3
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hrnn_lit import checkpoints
 from hrnn_lit.errors import ConfigError
+from hrnn_lit.models.engine import takes
 from hrnn_lit.recommend.ids import Ids
 from hrnn_lit.recommend.recommender import PAYLOAD_KEY, Recommender
 
@@ -38,6 +39,7 @@ def payload(cfg: DictConfig, dm) -> dict:
         columns["session_col"] = cfg.data.session_col
     return {
         "items": Ids(dm.item_ids).payload(),
+        "user_ids": Ids(dm.user_ids).payload(),  # the users api.Context.user indexes
         "session_gap": pre.get("session_gap") if not cfg.data.get("session_col") else None,
         "dedupe": bool(pre.get("dedupe", False)),
         "columns": columns,
@@ -60,9 +62,10 @@ def store_users(path: Path, rec: Recommender, train: pl.DataFrame) -> int:
 
 def recommender_for(module, info: dict, device: str = "cpu") -> Recommender:
     """A recommender over a trained module's network, with no users yet."""
+    users = Ids(info["user_ids"]) if "user_ids" in info else None
     return Recommender(
         module.net, Ids(info["items"]), info.get("session_gap"), info.get("dedupe", True),
-        name=str(info.get("name") or type(module.net).__name__), device=device,
+        name=str(info.get("name") or type(module.net).__name__), device=device, user_ids=users,
     )  # fmt: skip
 
 
@@ -81,7 +84,10 @@ def load(path: Path, device: str = "cpu") -> Recommender:
             "version of hrnn_lit): train it again to recommend from it"
         )
     items = Ids(info["items"])
-    module = instantiate(config, n_items=len(items), _convert_="all")
+    sizes = {"n_items": len(items)}
+    if takes(config.get("_target_"), "n_users"):
+        sizes["n_users"] = len(info["user_ids"]) if "user_ids" in info else 0
+    module = instantiate(config, **sizes, _convert_="all")
     checkpoints.check_fits(module, ckpt, path)
     checkpoints.load_weights(module, ckpt)
     rec = recommender_for(module, info, device)

@@ -73,13 +73,15 @@ class Recommender:
         name: str = "model",
         batch_size: int = 512,
         device: str | torch.device = "cpu",
+        user_ids: Ids | None = None,
     ):
         api.check_model(net)
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.items, self.session_gap, self.dedupe = items, session_gap, dedupe
         self.name, self.batch_size = name, batch_size
-        self.users = UserTable(self.net, self.device)
+        self.users = UserTable(self.net, self.device, user_ids)
+        self._takes_context = api.takes_context(self.net)
         self.columns: dict = {}  # the events file's column settings the model was trained with
         self._said: set[str] = set()
 
@@ -198,8 +200,20 @@ class Recommender:
         rk = rows[k]
         k_first = np.r_[True, head[k][1:] != head[k][:-1]] if k.size else np.zeros(0, bool)
         starts = k_first & ~in_stored[k]
-        user_start = starts & np.r_[True, rk[1:] != rk[:-1]][: k.size] & (tab.n_events[rk] == 0)
-        self._replay(rk, item[k], starts, user_start)
+        u_first = np.r_[True, rk[1:] != rk[:-1]][: k.size]
+        user_start = starts & u_first & (tab.n_events[rk] == 0)
+        # each kept event's context as a step input (api.Context): time, gap, position
+        t = ts[k]
+        before = np.where(u_first, tab.last_kept[rk], np.r_[NO_TIME, t[:-1]])
+        gap = np.where(before == NO_TIME, 0, t - before)
+        seg = np.flatnonzero(k_first)
+        rank = np.arange(k.size) - seg[np.searchsorted(seg, np.arange(k.size), "right") - 1]
+        base = np.where(in_stored[k], tab.context[rk, 2], 0)
+        context = np.stack([t, gap, base + rank + 1], 1)
+        self._replay(rk, item[k], starts, user_start, context)
+        if k.size:
+            u_last = np.r_[rk[1:] != rk[:-1], True]
+            tab.last_kept[rk[u_last]] = t[u_last]
         # the table's bookkeeping (one iteration per user): times, the items observed and
         # where the current session begins
         tab.last_ts[rows[last]] = ts[last]
@@ -215,7 +229,7 @@ class Recommender:
                 tab.session_from[r] = base + int(kept[: opened[-1]].sum())
         return done
 
-    def _replay(self, rows, items, starts, user_start) -> None:
+    def _replay(self, rows, items, starts, user_start, context) -> None:
         """Step the network through kept events (users contiguous, in time order): slots
         run users in parallel; at a user's first event its stored state and pending item
         are loaded, at its last one they are written back."""
@@ -230,6 +244,8 @@ class Recommender:
         dev = self.device
         state = net.initial_state(B, dev)
         pending = np.full(B, -1, np.int64)
+        pending_ctx = np.zeros((B, 3), np.int64)  # the pending event's time, gap, position
+        slot_user = np.full(B, -1, np.int64)
         observe = getattr(net, "observe", None)
         with torch.no_grad():
             for t in range(plan.shape[0]):
@@ -241,18 +257,24 @@ class Recommender:
                     slots, rr = act[f], rows[ev[f]]
                     state = self._put(state, slots, tab.get(rr), B)
                     pending[slots] = tab.pending[rr]
+                    pending_ctx[slots] = tab.context[rr]
+                    slot_user[slots] = tab.user_index[rr]
                 s = starts[ev]
                 if s.any():
                     state = self._start(state, act[s], user_start[ev[s]], B)
                 if (~s).any():
                     c = act[~s]
-                    state = self._step(state, c, pending[c], items[ev[~s]] if observe else None, B)
+                    ctx = (slot_user[c], pending_ctx[c])
+                    targets = items[ev[~s]] if observe else None
+                    state = self._step(state, c, pending[c], targets, B, ctx)
                 pending[act] = items[ev]
+                pending_ctx[act] = context[ev]
                 done = last[ev]
                 if done.any():
                     slots = act[done]
                     tab.put(rows[ev[done]], api.select(state, self._idx(slots)))
                     tab.pending[rows[ev[done]]] = pending[slots]
+                    tab.context[rows[ev[done]]] = pending_ctx[slots]
 
     # ----------------------------------------------------------------- the rules
     def _idx(self, rows: np.ndarray) -> Tensor:
@@ -272,12 +294,17 @@ class Recommender:
         sub = self.net.start(api.select(state, idx), starts)
         return self._put(state, slots, sub, B)
 
-    def _step(self, state, slots, inputs, targets, B) -> api.State:
+    def _step(self, state, slots, inputs, targets, B, ctx) -> api.State:
         """One step on ``slots`` with their input items (then ``observe`` of the targets,
-        for networks that learn from them)."""
+        for networks that learn from them); ``ctx``: the slots' users and their inputs'
+        (time, gap, position), for networks that take an ``api.Context``."""
         padded = padded_rows(np.arange(slots.size), B)
         idx = self._idx(slots[padded])
-        sub = self.net.step(self._idx(inputs[padded]), api.select(state, idx))
+        extra = ()
+        if self._takes_context:
+            users, tgp = ctx[0][padded], ctx[1][padded]
+            extra = (api.Context(*(self._idx(x) for x in (users, *tgp.T))),)
+        sub = self.net.step(self._idx(inputs[padded]), api.select(state, idx), *extra)
         if targets is not None:
             sub = self.net.observe(sub, self._idx(np.asarray(targets)[padded]))
         return self._put(state, slots, sub, B)
@@ -296,8 +323,9 @@ class Recommender:
                 state = self._start(state, np.flatnonzero(~ongoing), n_events[~ongoing] == 0, B)
             if ongoing.any():
                 slots = np.flatnonzero(ongoing)
-                pending = self.users.pending[rows[slots]]
-                state = self._step(state, slots, pending, None, B)
+                r = rows[slots]
+                ctx = (self.users.user_index[r], self.users.context[r])
+                state = self._step(state, slots, self.users.pending[r], None, B, ctx)
         return state
 
     def scores(self, user_ids: list, at: str = "next") -> Tensor:

@@ -37,13 +37,17 @@ class UserTable:
     ``last_ts``, ``n_events`` and the observed items ``history[row]`` (an array; the current
     session is ``history[row][session_from[row]:]``)."""
 
-    def __init__(self, net: nn.Module, device: torch.device):
+    def __init__(self, net: nn.Module, device: torch.device, vocabulary=None):
         self.net, self.device = net, device
+        self.vocabulary = vocabulary  # the model's user ids (Ids) -> api.Context.user
         self.fresh: api.State = net.initial_state(1, device)  # one fresh slot
         self.keys: list = []
         self.rows: dict = {}
         self.state: api.State = net.initial_state(0, device)
         self.pending = np.zeros(0, np.int64)
+        self.context = np.zeros((0, 3), np.int64)  # the pending event's time, gap, position
+        self.user_index = np.zeros(0, np.int64)  # in the model's user vocabulary (-1: none)
+        self.last_kept = np.zeros(0, np.int64)  # time of the last event of a known item
         self.last_ts = np.zeros(0, np.int64)
         self.n_events = np.zeros(0, np.int64)
         self.session_from = np.zeros(0, np.int64)
@@ -69,6 +73,12 @@ class UserTable:
                 self.keys.append(k)
             self.state = api.cat([self.state, self.net.initial_state(n, self.device)])
             self.pending = np.r_[self.pending, np.full(n, -1, np.int64)]
+            self.context = np.r_[self.context, np.zeros((n, 3), np.int64)]
+            fresh = list(dict.fromkeys(new))
+            vocab = self.vocabulary
+            index = [vocab.index(k) if vocab is not None else -1 for k in fresh]
+            self.user_index = np.r_[self.user_index, np.array(index, np.int64)]
+            self.last_kept = np.r_[self.last_kept, np.full(n, NO_TIME, np.int64)]
             self.last_ts = np.r_[self.last_ts, np.full(n, NO_TIME, np.int64)]
             self.n_events = np.r_[self.n_events, np.zeros(n, np.int64)]
             self.session_from = np.r_[self.session_from, np.zeros(n, np.int64)]
@@ -113,6 +123,8 @@ class UserTable:
             "users": torch.tensor(keys, dtype=torch.int64) if ints else [str(k) for k in keys],
             "state": [x.detach().cpu() for x in self.state],
             "pending": torch.from_numpy(self.pending.copy()),
+            "context": torch.from_numpy(self.context.copy()),
+            "last_kept": torch.from_numpy(self.last_kept.copy()),
             "last_ts": torch.from_numpy(self.last_ts.copy()),
             "n_events": torch.from_numpy(self.n_events.copy()),
             "session_from": torch.from_numpy(self.session_from.copy()),
@@ -133,6 +145,12 @@ class UserTable:
             raise ValueError("the stored user states do not fit the network")
         self.state = tuple(s.to(f.dtype) for s, f in zip(stored, fresh))
         self.pending = p["pending"].numpy().astype(np.int64)
+        self.context = p["context"].numpy().astype(np.int64).reshape(-1, 3)
+        self.last_kept = p["last_kept"].numpy().astype(np.int64)
+        vocab = self.vocabulary
+        self.user_index = np.array(
+            [vocab.index(k) if vocab is not None else -1 for k in self.keys], np.int64
+        )
         self.last_ts = p["last_ts"].numpy().astype(np.int64)
         self.n_events = p["n_events"].numpy().astype(np.int64)
         self.session_from = p["session_from"].numpy().astype(np.int64)
