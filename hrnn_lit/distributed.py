@@ -15,6 +15,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def initialized() -> bool:
+    """Whether a process group is up (data-parallel ranks)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def max_rows(net: torch.nn.Module, cand: Tensor, batch_size: int) -> int:
+    """At most how many rows of one item table a step touches: its candidates [T, B + S],
+    plus the B input items where the input embedding is the output matrix (tied)."""
+    tied = getattr(net, "input_mode", None) == "constrained"
+    return cand.shape[1] + (batch_size if tied else 0)
+
+
 def replicate(module: torch.nn.Module, device: torch.device) -> None:
     """Move ``module`` to this rank's device, then give it rank 0's parameters and buffers.
 

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from hrnn_lit import distributed
 from hrnn_lit.baselines.knn import ItemKNNNet, VSKNNNet, check_int
 from hrnn_lit.baselines.popularity import PopNet, UserPopNet
-from hrnn_lit.data.batching import Chunk, Steps
+from hrnn_lit.data.batching import Steps
 from hrnn_lit.evaluation.evaluator import Evaluation
+from hrnn_lit.evaluation.hooks import EvaluationHooks
 from hrnn_lit.evaluation.loop import EvalLoop
 
 Counts = np.ndarray | list[int] | None
 KS = (5, 10, 20)
 
 
-class BaselineRecommender(pl.LightningModule):
+class BaselineRecommender(EvaluationHooks, pl.LightningModule):
     """A baseline network fitted from data (``fit_data``) and evaluated by the loop."""
 
     trainable = False
@@ -38,36 +37,9 @@ class BaselineRecommender(pl.LightningModule):
         self.evaluation = Evaluation(ks, ties)
         self.eval_loop = EvalLoop(net.n_items, eval_block)
 
-    @property
-    def eval_metrics(self) -> dict[str, dict[str, float]]:
-        return self.evaluation.metrics
-
-    @property
-    def eval_outputs(self) -> dict[str, dict[str, Tensor]]:
-        return self.evaluation.outputs
-
     def fit_data(self, steps: Steps, **kwargs) -> None:
         """The network's tables from the fit split (``kwargs``: e.g. V-SkNN's step_time)."""
         self.net.fit(steps, **kwargs)
-
-    def on_validation_epoch_start(self) -> None:
-        self.eval_loop.begin(self.net, self.evaluation.begin())
-
-    def validation_step(self, batch: Chunk, batch_idx: int) -> None:
-        self.eval_loop.chunk(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if len(self.evaluation.collector) or torch.distributed.is_initialized():
-            self.evaluation.log(self, "val", distributed.eval_gather())
-
-    def on_test_epoch_start(self) -> None:
-        self.eval_loop.begin(self.net, self.evaluation.begin())
-
-    def test_step(self, batch: Chunk, batch_idx: int) -> None:
-        self.eval_loop.chunk(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self.evaluation.log(self, "test", distributed.eval_gather())
 
 
 class Pop(BaselineRecommender):

@@ -66,3 +66,22 @@ def build_net(spec: dict, n_items: int, n_users: int | None = None) -> nn.Module
     except TypeError as e:
         raise ConfigError(str(e)) from None
     return net
+
+
+def make_net(net, network: dict, n_items: int, n_users: int | None = None) -> nn.Module:
+    """The LightningModule's network: ``net`` itself (an instance), built from its config
+    (a dict), or None: the built-in ``RecurrentCore`` from the flat keys ``network``."""
+    from hrnn_lit.nets.recurrent import RecurrentCore
+
+    if net is not None and network:
+        key = sorted(network)[0]
+        raise ConfigError(
+            f"model.{key}: a key of the built-in network, which model.net replaces (the "
+            f"network takes its own arguments, e.g. +model.net.{key}=...)"
+        )
+    if isinstance(net, nn.Module):
+        check_model(net)
+        return net
+    if net is not None:
+        return build_net(net, n_items, n_users)
+    return RecurrentCore(n_items, **network)

@@ -1,13 +1,7 @@
 """The LightningModule that trains and evaluates any network of the model API
-(``hrnn_lit.nets.api``): the built-in session RNN, RNN Concat and HRNN variants
-(``RecurrentCore``) or a user's own ``model.net``.
-
-A Lightning batch is a chunk of T time steps of the user-parallel plan ([T, B] tensors);
-``training_step`` is the one training loop (docs/design.md §10): one optimiser update per
-time step, states carried detached (no back-propagation through time, §2). Evaluation is
-the component it holds (``evaluation.loop.EvalLoop``): each user's history replayed, every
-scored target ranked against the whole catalogue (§6).
-"""
+(``hrnn_lit.nets.api``): the built-in ``RecurrentCore`` or a user's own ``model.net``.
+``training_step`` is the one training loop (docs/design.md §10) over a chunk of T time steps
+of the user-parallel plan; evaluation is the component it holds (``EvalLoop``, §6)."""
 
 from __future__ import annotations
 
@@ -19,19 +13,18 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from torch import Tensor, nn
+from torch import nn
 
 from hrnn_lit import distributed
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.evaluator import Evaluation
+from hrnn_lit.evaluation.hooks import EvaluationHooks
 from hrnn_lit.evaluation.loop import EvalLoop, context_at, starts_at
-from hrnn_lit.models import precision
-from hrnn_lit.models.engine import build_net, resolve_engine, takes
+from hrnn_lit.models import precision, run_state
+from hrnn_lit.models.engine import make_net, resolve_engine, takes
 from hrnn_lit.models.loss_checks import LossChecks, kept_weights
 from hrnn_lit.nets import api
-from hrnn_lit.nets.api import check_model
-from hrnn_lit.nets.recurrent import RecurrentCore
 from hrnn_lit.ops.activations import at_least_float32
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.losses import LOSSES
@@ -39,15 +32,15 @@ from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
 
 
-class RecurrentRecommender(pl.LightningModule):
+class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
     """A network of the model API trained with a ranking loss over in-batch + sampled
     negatives, one optimiser update per time step, and evaluated by full-catalogue ranking.
 
     ``net``: the network, an instance or a config (``_target_`` and its arguments; built with
     ``n_items``); None: the built-in ``RecurrentCore`` from ``network``, its keyword
     arguments (``hidden_size``, ``user_propagation``, ...: the flat ``model.*`` keys of
-    conf/model). The other arguments are the training and evaluation keys. ``cuda_graph``:
-    retired (true stops with one line); accepted for configs and checkpoints that name it."""
+    conf/model). The other arguments are the training and evaluation keys (``cuda_graph``:
+    retired, named by older configs and checkpoints)."""
 
     def __init__(
         self,
@@ -83,19 +76,7 @@ class RecurrentRecommender(pl.LightningModule):
         self.automatic_optimization = False
         if loss not in LOSSES:
             raise ConfigError(f"model.loss must be one of {sorted(LOSSES)}, got {loss!r}")
-        if net is not None and network:
-            key = sorted(network)[0]
-            raise ConfigError(
-                f"model.{key}: a key of the built-in network, which model.net replaces (the "
-                f"network takes its own arguments, e.g. +model.net.{key}=...)"
-            )
-        if instance:
-            check_model(net)
-            self.net = net
-        elif net is not None:
-            self.net = build_net(net, n_items, n_users)
-        else:
-            self.net = RecurrentCore(n_items, **network)
+        self.net = make_net(net, network, n_items, n_users)
         engine = resolve_engine(engine, cuda_graph)
         # the fused op for networks whose scores are a linear form of their state; else the
         # network's score and the loss op; the plain reference (the loss in torch ops) with
@@ -115,14 +96,6 @@ class RecurrentRecommender(pl.LightningModule):
         self.evaluation = Evaluation(ks, ties)
         self.eval_loop = EvalLoop(n_items, eval_block)
 
-    @property
-    def eval_metrics(self) -> dict[str, dict[str, float]]:
-        return self.evaluation.metrics
-
-    @property
-    def eval_outputs(self) -> dict[str, dict[str, Tensor]]:
-        return self.evaluation.outputs
-
     # ------------------------------------------------------------- training
     def configure_optimizers(self):
         hp = self.hparams
@@ -136,8 +109,7 @@ class RecurrentRecommender(pl.LightningModule):
 
     @property
     def _world_size(self) -> int:
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return torch.distributed.get_world_size() if distributed.initialized() else 1
 
     def on_fit_start(self) -> None:
         precision.warn_if_emulated(self.trainer, self.device)
@@ -149,26 +121,12 @@ class RecurrentRecommender(pl.LightningModule):
         self._train_state = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Besides weights and optimiser state: the slots' carried states and the RNG, so a
-        run resumed from a mid-epoch checkpoint continues exactly where it stopped. Raises
-        (and nothing is written) if a chunk not yet checked had a non-finite loss."""
+        """Raises (and nothing is written) if a chunk not yet checked had a NaN loss."""
         self._check_finite()
-        checkpoint["hrnn_lit"] = {
-            "train_state": self._train_state,
-            "last_finite": self.checks.last_finite,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
+        run_state.save(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        extra = checkpoint.get("hrnn_lit")
-        if not extra:
-            return
-        self._train_state = extra["train_state"]
-        self.checks.last_finite = extra["last_finite"]
-        torch.set_rng_state(extra["torch_rng"])
-        if extra["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        run_state.load(self, checkpoint)
 
     def training_step(self, batch: Chunk, batch_idx: int) -> None:
         """One update per time step (no back-propagation through time): the start rules,
@@ -214,7 +172,7 @@ class RecurrentRecommender(pl.LightningModule):
                     p.grad = None
                 self.manual_backward(loss, gradient=shares[t])  # d/d weights of loss x share
                 if self._world_size > 1:  # data-parallel: average gradients over ranks
-                    distributed.average_gradients(params, max_rows=self._sparse_rows(cand))
+                    distributed.average_gradients(params, distributed.max_rows(net, cand, B))
                 if hp.clip_grad_norm > 0:
                     clip_grad_norm_(params, hp.clip_grad_norm)
                 opt.step()
@@ -238,12 +196,6 @@ class RecurrentRecommender(pl.LightningModule):
     def _trained(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def _sparse_rows(self, cand: Tensor) -> int:
-        """At most how many rows of one item table a step touches: its B + S candidates,
-        plus the B input items where the input embedding is the output matrix (tied)."""
-        tied = getattr(self.net, "input_mode", None) == "constrained"
-        return cand.shape[1] + (cand.shape[1] - self.hparams.n_sample if tied else 0)
-
     def _checks_behind(self) -> int:
         """How many chunks' loss checks may wait: 1 on CUDA (``LossChecks``), else 0."""
         return 1 if self.device.type == "cuda" else 0
@@ -259,25 +211,3 @@ class RecurrentRecommender(pl.LightningModule):
 
     def _check_finite(self, behind: int = 0) -> None:
         self.checks.check(lambda: kept_weights(self._trainer), behind)
-
-    # ----------------------------------------------------------- evaluation
-    # one pass per stage through the evaluation loop (hrnn_lit.evaluation.loop), whatever
-    # the network: history replay on the slots that matter, ranks in row blocks
-    def on_validation_epoch_start(self) -> None:
-        self.eval_loop.begin(self.net, self.evaluation.begin())
-
-    def validation_step(self, batch: Chunk, batch_idx: int) -> None:
-        self.eval_loop.chunk(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if len(self.evaluation.collector) or torch.distributed.is_initialized():
-            self.evaluation.log(self, "val", distributed.eval_gather())
-
-    def on_test_epoch_start(self) -> None:
-        self.eval_loop.begin(self.net, self.evaluation.begin())
-
-    def test_step(self, batch: Chunk, batch_idx: int) -> None:
-        self.eval_loop.chunk(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self.evaluation.log(self, "test", distributed.eval_gather())

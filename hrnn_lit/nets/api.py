@@ -204,9 +204,13 @@ def put_rows(state: State, rows: Tensor, sub: State, fresh: State, name: str = "
             shape = part.shape[1:]
             if len(shape) != full.dim() - 1 or any(a > b for a, b in zip(full.shape[1:], shape)):
                 raise ValueError(f"{name}: a state tensor may only grow")
-            fill = fresh[i].reshape(-1)[0] if fresh[i].numel() else 0
-            wide = full.new_full((full.shape[0], *shape), fill)
-            wide[(slice(None), *(slice(0, s) for s in full.shape[1:]))] = full
-            full = wide
+            full = widen(full, shape, fresh[i].reshape(-1)[0] if fresh[i].numel() else 0)
         out.append(full.index_copy(0, rows, part))
     return tuple(out)
+
+
+def widen(full: Tensor, shape: torch.Size, fill) -> Tensor:
+    """``full`` grown to ``shape`` after its first dimension, new entries ``fill``."""
+    wide = full.new_full((full.shape[0], *shape), fill)
+    wide[(slice(None), *(slice(0, s) for s in full.shape[1:]))] = full
+    return wide

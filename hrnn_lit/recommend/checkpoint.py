@@ -29,7 +29,8 @@ EVENTS_COLUMNS = {"user_col": "user_id", "item_col": "item_id", "time_col": "tim
 
 def payload(cfg: DictConfig, dm) -> dict:
     """Item ids, session rule and column settings of a run (small: written each time)."""
-    pre = OmegaConf.to_container(cfg.data.get("preprocess") or {}, resolve=True)
+    pre = cfg.data.get("preprocess")
+    pre = OmegaConf.to_container(pre, resolve=True) if pre is not None else {}
     source = cfg.data.get("source")
     columns = dict(EVENTS_COLUMNS)
     if source is not None and str(source.get("_target_", "")).endswith("read_events"):
