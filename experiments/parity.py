@@ -209,8 +209,10 @@ def main() -> int:
         help="the generated dataset --export-synthetic writes",
     )  # fmt: skip
     ap.add_argument(
-        "--ours", nargs="*", default=[],
-        help="extra hrnn_lit overrides for every run (e.g. model.gru_variant=official)",
+        "--variant", action="append", default=[], metavar="LABEL:OVERRIDES",
+        help="an hrnn_lit variant, its own table row against the same official runs: a label, "
+        "':', space-separated overrides (e.g. 'cell:model.gru_variant=official'); repeatable; "
+        "none: the mapped settings only",
     )  # fmt: skip
     ap.add_argument("--data", type=Path, help="folder with train.tsv and test.tsv")
     ap.add_argument("--official", type=Path, help="checkout of GRU4Rec_PyTorch_Official")
@@ -232,17 +234,23 @@ def main() -> int:
         return 0
     if args.data is None:
         ap.error("--data (or --export-synthetic) is needed with --official")
+    variants = [v.partition(":") for v in args.variant] or [("", "", "")]
+    variants = [(label, extra.split()) for label, _, extra in variants]
     results: dict[str, dict[str, list[dict]]] = {}
     for name in args.settings:
         params = official_params(name, args.epochs)
-        results[name] = {"official": [], "ours": [], "params": params, "ours_extra": args.ours}
+        rows = [f"{name} [{label}]" if label else name for label, _ in variants]
+        for row, (_, extra) in zip(rows, variants):
+            results[row] = {"official": [], "ours": [], "params": params, "ours_extra": extra}
         for seed in args.seeds:
             a = run_official(args.official, args.data, params, seed, args.threads)
-            ours = ours_overrides(params) + args.ours
-            b = run_ours(args.data, ours, seed, args.threads, args.user_parallel)
-            results[name]["official"].append(a)
-            results[name]["ours"].append(b)
-            print(f"{name} seed {seed}: official {a}  hrnn_lit {b}", flush=True)
+            print(f"{name} seed {seed}: official {a}", flush=True)
+            for row, (_, extra) in zip(rows, variants):
+                ours = ours_overrides(params) + extra
+                b = run_ours(args.data, ours, seed, args.threads, args.user_parallel)
+                results[row]["official"].append(a)
+                results[row]["ours"].append(b)
+                print(f"{row} seed {seed}: hrnn_lit {b}", flush=True)
     md = table(results, args.seeds, args.epochs)
     print(md)
     if args.md:
