@@ -18,6 +18,7 @@ from hrnn_lit.nets.recurrent import (
     parse_activation,
 )
 from hrnn_lit.ops.losses import LOSSES
+from hrnn_lit.ops.optim import ADAGRAD_EPS
 from hrnn_lit.ops.optim import KINDS as OPTIMIZERS
 
 MODES = ("train", "test", "prepare", "recommend")
@@ -129,6 +130,7 @@ def validate_training(cfg: DictConfig) -> None:
         "engine": (_choice, ENGINES + tuple(REMOVED)),
         "loss": (_choice, LOSSES),
         "optimizer": (_choice, OPTIMIZERS),
+        "adagrad_eps": (_choice, ADAGRAD_EPS),
         "n_sample": (_int, 0),
         "sample_alpha": (_float, 0.0),
         "lr": (_float, 0.0),

@@ -134,3 +134,60 @@ def test_fused_path_equals_the_plain_reference_with_the_official_cell(propagatio
         torch.testing.assert_close(w_fused[k], w_auto[k], rtol=1e-8, atol=1e-10, msg=k)
     for k in m_fused:
         assert m_fused[k] == pytest.approx(m_auto[k], abs=1e-12), k
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.4])
+def test_adagrad_eps_inside_the_square_root(momentum):
+    """``adagrad_eps=inside``: lr g / sqrt(acc + eps), on dense weights and on a row-sparse
+    table's touched rows (the official code's IndexedAdagradM), with and without momentum;
+    the default keeps eps outside."""
+    from hrnn_lit.ops.optim import SparseRowOptimizer
+
+    torch.manual_seed(0)
+    dense = torch.nn.Parameter(torch.randn(3, 4))
+    table = torch.nn.Embedding(6, 2, sparse=True)
+    start = (dense.detach().clone(), table.weight.detach().clone())
+    lr, eps = 0.1, 1e-2  # eps large enough for inside and outside to differ visibly
+    opts = {
+        inside: SparseRowOptimizer([dense, table.weight], lr=lr, momentum=momentum, eps=eps,
+                                   eps_in_sqrt=inside)  # fmt: skip
+        for inside in (True, False)
+    }
+    for inside, opt in opts.items():
+        with torch.no_grad():
+            dense.copy_(start[0])
+            table.weight.copy_(start[1])
+        acc_d, acc_t = torch.zeros(3, 4), torch.zeros(6, 2)
+        vel_d, vel_t = torch.zeros(3, 4), torch.zeros(6, 2)
+        want_d, want_t = start[0].clone(), start[1].clone()
+        for step in range(3):
+            items = torch.tensor([1, 4, 4]) if step != 1 else torch.tensor([0, 1])
+            opt.zero_grad()
+            ((dense * dense).sum() * 0.01 * (step + 1) + table(items).pow(3).sum()).backward()
+            g_d = dense.grad.clone()
+            g_t = table.weight.grad.coalesce()
+            rows, g_rows = g_t.indices()[0], g_t.values()
+            opt.step()
+            acc_d += g_d * g_d
+            den = (acc_d + eps).sqrt() if inside else acc_d.sqrt() + eps
+            vel_d = momentum * vel_d - lr * g_d / den
+            want_d += vel_d if momentum else -lr * g_d / den
+            acc_t[rows] += g_rows * g_rows
+            den_t = (acc_t[rows] + eps).sqrt() if inside else acc_t[rows].sqrt() + eps
+            upd = -lr * g_rows / den_t
+            if momentum:
+                vel_t[rows] = momentum * vel_t[rows] + upd
+                upd = vel_t[rows]
+            want_t[rows] += upd
+            torch.testing.assert_close(dense.detach(), want_d, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(table.weight.detach(), want_t, rtol=1e-5, atol=1e-6)
+
+
+def test_adagrad_eps_config():
+    from hrnn_lit.models.module import RecurrentRecommender
+
+    with pytest.raises(ConfigError, match="model.adagrad_eps must be one of"):
+        RecurrentRecommender(n_items=5, adagrad_eps="middle")
+    model = RecurrentRecommender(n_items=5, adagrad_eps="inside", user_propagation="none",
+                                 user_hidden_size=0)  # fmt: skip
+    assert model.configure_optimizers().param_groups[0]["eps_in_sqrt"]

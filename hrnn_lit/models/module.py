@@ -35,7 +35,7 @@ from hrnn_lit.nets.recurrent import RecurrentCore
 from hrnn_lit.ops.activations import at_least_float32
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.losses import LOSSES
-from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
+from hrnn_lit.ops.optim import ADAGRAD_EPS, SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
 
 
@@ -64,6 +64,7 @@ class RecurrentRecommender(pl.LightningModule):
         optimizer: str = "adagrad",
         lr: float = 0.1,
         momentum: float = 0.0,
+        adagrad_eps: str = "outside",
         weight_decay: float = 0.0,
         clip_grad_norm: float = 0.0,
         ks: list[int] | tuple[int, ...] = (5, 10, 20),
@@ -78,6 +79,10 @@ class RecurrentRecommender(pl.LightningModule):
         instance = isinstance(net, nn.Module)  # (its arguments are not this module's)
         self.save_hyperparameters(ignore=["item_counts", *(["net"] if instance else [])])
         self.automatic_optimization = False
+        if adagrad_eps not in ADAGRAD_EPS:
+            raise ConfigError(
+                f"model.adagrad_eps must be one of {ADAGRAD_EPS}, got {adagrad_eps!r}"
+            )
         if loss not in LOSSES:
             raise ConfigError(f"model.loss must be one of {sorted(LOSSES)}, got {loss!r}")
         if net is not None and network:
@@ -129,6 +134,7 @@ class RecurrentRecommender(pl.LightningModule):
             lr=hp.lr,
             momentum=hp.momentum,
             weight_decay=hp.weight_decay,
+            eps_in_sqrt=hp.get("adagrad_eps", "outside") == "inside",
         )
 
     @property

@@ -34,9 +34,10 @@ and no hidden biases: ``bias_in`` is the only bias (``w_h``'s is unused; torch's
 both, so its r and z biases are two parameters, each updated by the optimiser).
 ``gru_init``: ``torch``, ``w_h`` as ``nn.Linear`` (uniform +-1/sqrt(H), biases too) and the
 one-hot table uniform +-sqrt(6 / (n_items + 3H)); or ``official``, the official code's
-compatibility mode: every
-gate block uniform +-sqrt(6 / (fan_in + fan_out)) (``w_h`` +-sqrt(6 / 2H), the one-hot table
-+-sqrt(6 / (n_items + H))), zero biases. The user GRU keeps torch's cell and init.
+compatibility mode: every gate block uniform +-sqrt(6 / (fan_in + fan_out)) (``w_h``
++-sqrt(6 / 2H), the one-hot table +-sqrt(6 / (n_items + H))), zero biases. With an input
+embedding or the tied one the official code uses torch's cell (``nn.GRUCell``). The user
+GRU keeps torch's cell and init.
 """
 
 from __future__ import annotations
