@@ -21,7 +21,14 @@ input embedding is the GRU itself); bpr-max's elu_param a -> final_act=elu-a.
         --settings equal equal_b128 features bprmax bprmax_preset --seeds 0 1 2 --epochs 5 \\
         --md table.md
 
-(docs/parity.md: the result on that data.)
+(docs/parity.md: the result on that data.) The dropout rows with one-hot input, on the
+generated rating log, against hrnn_lit with the official cell and initialisation:
+
+    python experiments/parity.py --export-synthetic /tmp/parity_r --dataset synthetic_ratings \
+        --users 1000
+    python experiments/parity.py --data /tmp/parity_r --official ~/GRU4Rec_PyTorch_Official \
+        --settings dropout --variant "torch:" \
+        --variant "official:model.gru_variant=official model.gru_init=official"
 """
 
 from __future__ import annotations
