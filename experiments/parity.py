@@ -21,7 +21,14 @@ input embedding is the GRU itself); bpr-max's elu_param a -> final_act=elu-a.
         --settings equal equal_b128 features bprmax bprmax_preset --seeds 0 1 2 --epochs 5 \\
         --md table.md
 
-(docs/parity.md: the result on that data.)
+(docs/parity.md: the result on that data.) The dropout rows with one-hot input, on the
+generated rating log, against hrnn_lit with the official cell and initialisation:
+
+    python experiments/parity.py --export-synthetic /tmp/parity_r --dataset synthetic_ratings \
+        --users 1000
+    python experiments/parity.py --data /tmp/parity_r --official ~/GRU4Rec_PyTorch_Official \
+        --settings dropout --variant "torch:" \
+        --variant "official:model.gru_variant=official model.gru_init=official"
 """
 
 from __future__ import annotations
@@ -59,6 +66,16 @@ SETTINGS = {
     "bprmax": (  # BPR-max with the official elu on the scores, tied embedding, dropouts
         dict(loss="bpr-max", constrained_embedding=True, embedding=0, elu_param=0.5, bpreg=1.0,
              dropout_p_embed=0.2, dropout_p_hidden=0.2, sample_alpha=0.0),
+        [],
+    ),
+    "dropout": (  # one-hot input with the official input dropout (on the GRU's new state)
+        dict(loss="cross-entropy", embedding=0, constrained_embedding=False, logq=0.0,
+             dropout_p_embed=0.3),
+        [],
+    ),
+    "dropout_logq": (  # the same with logQ
+        dict(loss="cross-entropy", embedding=0, constrained_embedding=False, logq=1.0,
+             dropout_p_embed=0.3),
         [],
     ),
     "bprmax_preset": (  # model=gru4rec_bprmax's recipe (the official coveo paramfile's style)
@@ -101,16 +118,19 @@ def ours_overrides(params: dict) -> list[str]:
     ]
 
 
-def export_synthetic(out: Path, users: int) -> None:
-    """train.tsv and test.tsv of data=synthetic (its preprocessing and last-session-out
-    split) with ``users`` generated users: SessionId, ItemId, Time, UserId."""
+def export_synthetic(out: Path, users: int, dataset: str = "synthetic") -> None:
+    """train.tsv and test.tsv of ``data=<dataset>`` (a generated one: its preprocessing and
+    last-session-out split) with ``users`` generated users: SessionId, ItemId, Time,
+    UserId."""
     sys.path.insert(0, str(REPO))
     import polars as pl
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    users_key = "data.generate.n_users" if dataset == "synthetic_ratings" else "data.source.n_users"
+    overrides = [f"data={dataset}", f"{users_key}={users}", "data.fit_split=train"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"data.source.n_users={users}", "data.fit_split=train"])
+        cfg = compose("config", overrides=overrides)
     dm = instantiate(cfg.data)
     splits = dm.load_splits()
     out.mkdir(parents=True, exist_ok=True)
@@ -191,6 +211,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export-synthetic", type=Path, help="write data=synthetic's TSVs here")
     ap.add_argument("--users", type=int, default=600, help="synthetic users to export")
+    ap.add_argument(
+        "--dataset", default="synthetic", choices=["synthetic", "synthetic_ratings"],
+        help="the generated dataset --export-synthetic writes",
+    )  # fmt: skip
+    ap.add_argument(
+        "--variant", action="append", default=[], metavar="LABEL:OVERRIDES",
+        help="an hrnn_lit variant, its own table row against the same official runs: a label, "
+        "':', space-separated overrides (e.g. 'cell:model.gru_variant=official'); repeatable; "
+        "none: the mapped settings only",
+    )  # fmt: skip
     ap.add_argument("--data", type=Path, help="folder with train.tsv and test.tsv")
     ap.add_argument("--official", type=Path, help="checkout of GRU4Rec_PyTorch_Official")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -205,22 +235,29 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write every run's metrics here")
     args = ap.parse_args()
     if args.export_synthetic:
-        export_synthetic(args.export_synthetic, args.users)
+        export_synthetic(args.export_synthetic, args.users, args.dataset)
         args.data = args.data or args.export_synthetic
     if args.official is None:
         return 0
     if args.data is None:
         ap.error("--data (or --export-synthetic) is needed with --official")
+    variants = [v.partition(":") for v in args.variant] or [("", "", "")]
+    variants = [(label, extra.split()) for label, _, extra in variants]
     results: dict[str, dict[str, list[dict]]] = {}
     for name in args.settings:
         params = official_params(name, args.epochs)
-        results[name] = {"official": [], "ours": [], "params": params}
+        rows = [f"{name} [{label}]" if label else name for label, _ in variants]
+        for row, (_, extra) in zip(rows, variants):
+            results[row] = {"official": [], "ours": [], "params": params, "ours_extra": extra}
         for seed in args.seeds:
             a = run_official(args.official, args.data, params, seed, args.threads)
-            b = run_ours(args.data, ours_overrides(params), seed, args.threads, args.user_parallel)
-            results[name]["official"].append(a)
-            results[name]["ours"].append(b)
-            print(f"{name} seed {seed}: official {a}  hrnn_lit {b}", flush=True)
+            print(f"{name} seed {seed}: official {a}", flush=True)
+            for row, (_, extra) in zip(rows, variants):
+                ours = ours_overrides(params) + extra
+                b = run_ours(args.data, ours, seed, args.threads, args.user_parallel)
+                results[row]["official"].append(a)
+                results[row]["ours"].append(b)
+                print(f"{row} seed {seed}: hrnn_lit {b}", flush=True)
     md = table(results, args.seeds, args.epochs)
     print(md)
     if args.md:

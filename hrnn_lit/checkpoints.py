@@ -32,7 +32,7 @@ MOVED = {
 }
 # hyperparameters that only matter while training: a mode=test run may differ in them
 TRAINING_ONLY = (
-    "lr", "momentum", "weight_decay", "clip_grad_norm", "optimizer", "loss", "bpreg",
+    "lr", "momentum", "adagrad_eps", "weight_decay", "clip_grad_norm", "optimizer", "loss", "bpreg",
     "n_sample", "sample_alpha", "dropout_session", "dropout_user", "dropout_init", "ks",
     "ties", "eval_block", "cuda_graph", "engine",
 )  # fmt: skip

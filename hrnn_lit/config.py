@@ -9,8 +9,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hrnn_lit.errors import ConfigError
 from hrnn_lit.evaluation.metrics import TIES
 from hrnn_lit.models.engine import ENGINES, REMOVED, resolve_engine
-from hrnn_lit.nets.recurrent import ACTIVATIONS, PROPAGATIONS, RESETS, parse_activation
+from hrnn_lit.nets.recurrent import (
+    ACTIVATIONS,
+    GRU_INITS,
+    GRU_VARIANTS,
+    PROPAGATIONS,
+    RESETS,
+    parse_activation,
+)
 from hrnn_lit.ops.losses import LOSSES
+from hrnn_lit.ops.optim import ADAGRAD_EPS
 from hrnn_lit.ops.optim import KINDS as OPTIMIZERS
 
 MODES = ("train", "test", "prepare", "recommend")
@@ -20,6 +28,7 @@ BUILTIN_NET_KEYS = (
     "hidden_size", "user_hidden_size", "user_propagation", "user_to_output",
     "user_to_session_act", "reset_at", "final_act", "embedding", "constrained_embedding",
     "dropout_embed", "dropout_hidden", "dropout_session", "dropout_user", "dropout_init",
+    "gru_variant", "gru_init",
 )  # fmt: skip
 
 
@@ -121,6 +130,7 @@ def validate_training(cfg: DictConfig) -> None:
         "engine": (_choice, ENGINES + tuple(REMOVED)),
         "loss": (_choice, LOSSES),
         "optimizer": (_choice, OPTIMIZERS),
+        "adagrad_eps": (_choice, ADAGRAD_EPS),
         "n_sample": (_int, 0),
         "sample_alpha": (_float, 0.0),
         "lr": (_float, 0.0),
@@ -155,6 +165,9 @@ def validate_rnn(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"model.final_act {e}") from None
     _choice(cfg, "model.user_to_session_act", ACTIVATIONS)
+    for key, choices in (("gru_variant", GRU_VARIANTS), ("gru_init", GRU_INITS)):
+        if key in cfg.model:
+            _choice(cfg, f"model.{key}", choices)
     for key in (
         "dropout_session",
         "dropout_user",

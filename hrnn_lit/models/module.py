@@ -28,7 +28,7 @@ from hrnn_lit.nets import api
 from hrnn_lit.ops.activations import at_least_float32
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.losses import LOSSES
-from hrnn_lit.ops.optim import SparseRowOptimizer, clip_grad_norm_
+from hrnn_lit.ops.optim import ADAGRAD_EPS, SparseRowOptimizer, clip_grad_norm_
 from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
 
 
@@ -58,6 +58,7 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
         optimizer: str = "adagrad",
         lr: float = 0.1,
         momentum: float = 0.0,
+        adagrad_eps: str = "outside",
         weight_decay: float = 0.0,
         clip_grad_norm: float = 0.0,
         ks: list[int] | tuple[int, ...] = (5, 10, 20),
@@ -74,6 +75,10 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
         if n_users is None or not isinstance(net, dict) or not takes(net["_target_"], "n_users"):
             self.hparams.pop("n_users", None)  # (only a network that takes it needs it kept)
         self.automatic_optimization = False
+        if adagrad_eps not in ADAGRAD_EPS:
+            raise ConfigError(
+                f"model.adagrad_eps must be one of {ADAGRAD_EPS}, got {adagrad_eps!r}"
+            )
         if loss not in LOSSES:
             raise ConfigError(f"model.loss must be one of {sorted(LOSSES)}, got {loss!r}")
         self.net = make_net(net, network, n_items, n_users)
@@ -105,6 +110,7 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
             lr=hp.lr,
             momentum=hp.momentum,
             weight_decay=hp.weight_decay,
+            eps_in_sqrt=hp.get("adagrad_eps", "outside") == "inside",
         )
 
     @property

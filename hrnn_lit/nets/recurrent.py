@@ -25,6 +25,19 @@ Dropouts of a session step, in training, in this order (docs/design.md §11):
   ``dropout_p_embed`` there, as its input embedding is the GRU itself);
 - ``dropout_session``: on the state where it is scored only (the carried state keeps all
   its units).
+Each is ``nn.Dropout``: a fresh mask per step, per slot and unit, scaled by 1 / (1 - p).
+
+The session GRU's cell (``gru_variant``): ``torch``, torch's reset-after cell
+n = tanh(x_n + r * (W_hn h + b_hn)); or ``official``, the official GRU4Rec code's one-hot
+cell (its ``GRUEmbedding``), reset before the product, n = tanh(x_n + (r * h) W_hn^T),
+and no hidden biases: ``bias_in`` is the only bias (``w_h``'s is unused; torch's cell has
+both, so its r and z biases are two parameters, each updated by the optimiser).
+``gru_init``: ``torch``, ``w_h`` as ``nn.Linear`` (uniform +-1/sqrt(H), biases too) and the
+one-hot table uniform +-sqrt(6 / (n_items + 3H)); or ``official``, the official code's
+compatibility mode: every gate block uniform +-sqrt(6 / (fan_in + fan_out)) (``w_h``
++-sqrt(6 / 2H), the one-hot table +-sqrt(6 / (n_items + H))), zero biases. With an input
+embedding or the tied one the official code uses torch's cell (``nn.GRUCell``). The user
+GRU keeps torch's cell and init.
 """
 
 from __future__ import annotations
@@ -44,6 +57,8 @@ from hrnn_lit.ops.tables import rows
 
 PROPAGATIONS = ("none", "init", "all")
 RESETS = ("session", "user")
+GRU_VARIANTS = ("torch", "official")
+GRU_INITS = ("torch", "official")
 INPUT_TABLES = {"onehot": "item_in", "embedding": "embed", "constrained": "out_w"}
 
 
@@ -67,8 +82,15 @@ class RecurrentCore(nn.Module):
         constrained_embedding: bool = False,
         dropout_embed: float = 0.0,
         dropout_hidden: float = 0.0,
+        gru_variant: str = "torch",
+        gru_init: str = "torch",
     ):
         super().__init__()
+        if gru_variant not in GRU_VARIANTS:
+            raise ValueError(f"gru_variant must be one of {GRU_VARIANTS}, got {gru_variant!r}")
+        if gru_init not in GRU_INITS:
+            raise ValueError(f"gru_init must be one of {GRU_INITS}, got {gru_init!r}")
+        self.gru_variant = gru_variant
         if constrained_embedding and embedding > 0:
             raise ValueError(
                 "constrained_embedding (input = output item matrix) and "
@@ -94,7 +116,8 @@ class RecurrentCore(nn.Module):
             "constrained" if constrained_embedding else "embedding" if embedding > 0 else "onehot"
         )
         if self.input_mode == "onehot":
-            scale = (6.0 / (n_items + 3 * H)) ** 0.5
+            # official: each gate's block [n_items, H] in +-sqrt(6 / (n_items + H))
+            scale = (6.0 / (n_items + (H if gru_init == "official" else 3 * H))) ** 0.5
             self.item_in = nn.Embedding(n_items, 3 * H, sparse=True)
             nn.init.uniform_(self.item_in.weight, -scale, scale)
         else:
@@ -110,6 +133,9 @@ class RecurrentCore(nn.Module):
             nn.init.uniform_(self.w_in.weight, -((6.0 / (E + H)) ** 0.5), (6.0 / (E + H)) ** 0.5)
         self.bias_in = nn.Parameter(torch.zeros(3 * H))
         self.w_h = nn.Linear(H, 3 * H)
+        if gru_init == "official":  # each gate's block [H, H] in +-sqrt(6 / 2H), zero bias
+            nn.init.uniform_(self.w_h.weight, -((3.0 / H) ** 0.5), (3.0 / H) ** 0.5)
+            nn.init.zeros_(self.w_h.bias)
         self.out_w = nn.Embedding(n_items, H, sparse=True)
         out_scale = (6.0 / (n_items + H)) ** 0.5
         nn.init.uniform_(self.out_w.weight, -out_scale, out_scale)
@@ -163,10 +189,13 @@ class RecurrentCore(nn.Module):
         h, c = state
         H = self.hidden_size
         gi = self.input_projection(items)  # [B, 3H]
-        gh = self.w_h(h)  # [B, 3H]
         if self.user_propagation == "all":  # W_c c joins the reset and update gates
             gi = torch.cat([torch.addmm(gi[:, : 2 * H], c, self.w_c.weight.T), gi[:, 2 * H :]], 1)
-        h_new = gru_cell(gi, gh, h)
+        if self.gru_variant == "official":  # reset before the product, no hidden biases
+            w = self.w_h.weight
+            h_new = gru_cell(gi, h @ w[: 2 * H].T, h, w_hn=w[2 * H :])  # gh [B, 2H]
+        else:
+            h_new = gru_cell(gi, self.w_h(h), h)  # gh [B, 3H]
         return (self.drop_hidden(h_new) if self.drop_hidden.p > 0 else h_new), c
 
     @property

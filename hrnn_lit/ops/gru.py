@@ -2,7 +2,12 @@
 r, z = sigmoid(gi_rz + gh_rz); n = tanh(gi_n + r * gh_n); h' = (1 - z) n + z h, from the
 input and hidden projections gi, gh [R, 3K] (biases included) of the state h [R, K].
 On CPU float32 it is one C pass forward and one backward (``native.gru_forward`` /
-``gru_backward``, rounding like torch's ops, not bit for bit); elsewhere torch's ops."""
+``gru_backward``, rounding like torch's ops, not bit for bit); elsewhere torch's ops.
+
+The reset-before variant (the official GRU4Rec code's one-hot cell, ``GRUEmbedding``),
+with the hidden weights of the candidate ``w_hn`` [K, K] passed: gh is then [R, 2K] (the
+r and z parts only) and n = tanh(gi_n + (r * h) w_hn^T), no hidden bias on n; torch's ops
+(autograd), on every device."""
 
 from __future__ import annotations
 
@@ -33,8 +38,14 @@ class _NativeGRUCell(torch.autograd.Function):
         return dgi, dgh, dh_prev
 
 
-def gru_cell(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
-    """The new state [R, K] (see the module docstring); differentiable either way."""
+def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, w_hn: Tensor | None = None) -> Tensor:
+    """The new state [R, K] (see the module docstring); differentiable either way.
+    ``w_hn``: the reset-before variant's candidate weights (gh then [R, 2K])."""
+    if w_hn is not None:
+        K = h.shape[1]
+        rz = torch.sigmoid(gi[:, : 2 * K] + gh)  # [R, 2K]
+        n = torch.tanh(torch.addmm(gi[:, 2 * K :], rz[:, :K] * h, w_hn.T))  # [R, K]
+        return torch.lerp(n, h, rz[:, K:])
     if h.device.type == "cpu" and native.gru_supported(gi, gh, h):
         if torch.is_grad_enabled() and (gi.requires_grad or gh.requires_grad or h.requires_grad):
             return _NativeGRUCell.apply(gi, gh, h)

@@ -2,7 +2,8 @@
 only the rows a step touched are read and written, so a step's cost does not grow with the
 catalogue. Dense parameters (GRU weights) are updated as usual.
 
-- ``adagrad``: acc += g^2; update = lr * g / (sqrt(acc) + eps); with ``momentum`` the update
+- ``adagrad``: acc += g^2; update = lr * g / (sqrt(acc) + eps) (``eps_in_sqrt``: the official
+  GRU4Rec code's lr * g / sqrt(acc + eps), unfused); with ``momentum`` the update
   feeds a velocity v = momentum * v - update (the GRU4Rec/HRNN reference's adagrad with
   momentum); ``weight_decay`` adds L2 (g += wd * p) on the rows touched (lazy).
 - ``adam``: Adam with lazy moments for sparse rows (as torch's SparseAdam) and
@@ -18,6 +19,7 @@ from torch.optim import optimizer as _torch_optimizer
 from hrnn_lit.ops import native
 
 KINDS = ("adagrad", "adam")
+ADAGRAD_EPS = ("outside", "inside")  # eps added after sqrt(acc) | inside: sqrt(acc + eps)
 _FUSED = hasattr(torch, "_fused_adagrad_")
 
 
@@ -69,12 +71,14 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
+        eps_in_sqrt: bool = False,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         defaults = dict(
-            kind=kind, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps
-        )
+            kind=kind, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps,
+            eps_in_sqrt=eps_in_sqrt,
+        )  # fmt: skip
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -123,7 +127,10 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                 self._fused_adagrad(fused, group)
 
     def _fusable(self, p: Tensor, group: dict) -> bool:
-        return group["kind"] == "adagrad" and not group["momentum"] and p.device.type == "cpu"
+        return (
+            group["kind"] == "adagrad" and not group["momentum"] and p.device.type == "cpu"
+            and not group.get("eps_in_sqrt")
+        )  # fmt: skip
 
     def _fused_adagrad(self, items: list[tuple[Tensor, Tensor | None, Tensor]], group: dict):
         """torch's fused CPU Adagrad (acc += g^2; p -= lr g / (sqrt(acc) + eps), with L2 by
@@ -195,7 +202,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                     g = g.mul_(mask)
             if group["kind"] == "adagrad":
                 acc = state["acc"].addcmul_(g, g)
-                denom = acc.sqrt().add_(eps)
+                denom = acc.add(eps).sqrt_() if group.get("eps_in_sqrt") else acc.sqrt().add_(eps)
                 if group["momentum"]:
                     v = state["velocity"].mul_(group["momentum"]).addcdiv_(g, denom, value=-lr)
                     p.add_(v)
@@ -216,7 +223,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                 g = g.mul_(mask)
         if group["kind"] == "adagrad":
             state["acc"].index_add_(0, idx, g * g)
-            update = g / state["acc"].index_select(0, idx).sqrt_().add_(eps)
+            acc = state["acc"].index_select(0, idx)
+            denom = acc.add_(eps).sqrt_() if group.get("eps_in_sqrt") else acc.sqrt_().add_(eps)
+            update = g / denom
             if group["momentum"]:
                 v = state["velocity"].index_select(0, idx).mul_(group["momentum"])
                 v.sub_(update, alpha=lr)
