@@ -178,13 +178,13 @@ def first_users(steps, n_scored: int):
     history included), so that evaluation stays within its time budget."""
     import numpy as np
 
-    from hrnn_lit.data.batching import Steps
+    from hrnn_lit.data.batching import STEP_FIELDS, Steps
 
     cum = np.cumsum(steps.score)
     if cum[-1] <= n_scored:
         return steps
     keep = steps.user <= steps.user[int(np.searchsorted(cum, n_scored))]
-    return Steps(**{f.name: getattr(steps, f.name)[keep] for f in dataclasses.fields(Steps)})
+    return Steps(**{f: getattr(steps, f)[keep] for f in STEP_FIELDS}, seen=steps.seen)
 
 
 def catalogue(dm, size: int | None):

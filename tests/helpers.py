@@ -61,8 +61,13 @@ def reference_eval(net, chunks, ties="conservative", rank_cap=None) -> dict:
                 rows = batch.score[t].nonzero().view(-1)
                 if rows.numel():
                     scores = at_least_float32(net.score(tuple(x[rows] for x in st)))
-                    keys = ("target", "position", "history")
-                    collector.add(scores, *(getattr(batch, k)[t, rows] for k in keys))
+                    keys = ("target", "position", "history", "repeat")
+                    offsets, items = batch.seen.before(batch.event[t, rows.numpy()])
+                    pairs = (
+                        torch.from_numpy(np.repeat(np.arange(rows.numel()), np.diff(offsets))),
+                        torch.from_numpy(items),
+                    )
+                    collector.add(scores, *(getattr(batch, k)[t, rows] for k in keys), pairs)
     return collector.finish("test", [5])[1]
 
 

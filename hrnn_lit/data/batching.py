@@ -19,8 +19,57 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class SeenItems:
+    """Each user's distinct items with the event index of their first occurrence, for the
+    repeat/explore metrics (docs/design.md §6): an item was seen before event ``e`` of its
+    user iff its ``first`` < e. Grouped by user, items ascending in a group; user group g
+    (the g-th user of the events) holds entries ``bounds[g]:bounds[g + 1]`` and its events
+    start at event index ``group_start[g]``. Keyed by event index, so it stays valid for any
+    subset of whole users (``select_users``)."""
+
+    item: np.ndarray  # [P] item index
+    first: np.ndarray  # [P] event index of the item's first occurrence for that user
+    bounds: np.ndarray  # [G + 1] entries of each user group
+    group_start: np.ndarray  # [G] first event index of each user group
+
+    def before(self, event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The items each event's user had before it: (offsets [N + 1], items) with the
+        items of event ``event[i]`` at ``items[offsets[i]:offsets[i + 1]]`` (ascending)."""
+        g = np.searchsorted(self.group_start, event, side="right") - 1
+        lo, hi = self.bounds[g], self.bounds[g + 1]
+        n = hi - lo
+        owner = np.repeat(np.arange(event.size), n)
+        idx = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+        keep = self.first[idx] < event[owner]
+        counts = np.bincount(owner[keep], minlength=event.size)
+        return np.r_[0, np.cumsum(counts)].astype(np.int64), self.item[idx[keep]]
+
+
+def seen_items(item: np.ndarray, user: np.ndarray) -> tuple[SeenItems, np.ndarray]:
+    """The ``SeenItems`` of events sorted by user, and per event whether its item occurred
+    earlier for the same user (a *repeat*). One stable sort, no loop over events."""
+    n = item.size
+    user_first = np.r_[True, user[1:] != user[:-1]] if n else np.zeros(0, bool)
+    group = np.cumsum(user_first) - 1
+    key = group.astype(np.int64) * (int(item.max()) + 1 if n else 1) + item
+    order = np.argsort(key, kind="stable")  # by (user, item), then event index
+    k = key[order]
+    first = np.r_[True, k[1:] != k[:-1]] if n else np.zeros(0, bool)
+    repeat = np.ones(n, bool)
+    repeat[order[first]] = False
+    table = SeenItems(
+        item=item[order[first]].astype(np.int64),
+        first=order[first].astype(np.int64),
+        bounds=np.searchsorted(group[order[first]], np.arange(group[-1] + 2 if n else 1)),
+        group_start=np.flatnonzero(user_first),
+    )
+    return table, repeat
+
+
+@dataclass(frozen=True)
 class Steps:
-    """All steps of one split, ordered by (user, session, time). Arrays of length n_steps."""
+    """All steps of one split, ordered by (user, session, time). Arrays of length n_steps
+    (``STEP_FIELDS``), and the users' items by first occurrence (``seen``)."""
 
     input: np.ndarray  # item index fed to the session GRU
     target: np.ndarray  # item index to predict
@@ -33,6 +82,9 @@ class Steps:
     time: np.ndarray  # Unix seconds of the input event (0 where the data gave none)
     gap: np.ndarray  # seconds from the user's previous event to the input event (0: first)
     user_index: np.ndarray  # the user in the model's user vocabulary (-1: not trained on)
+    repeat: np.ndarray  # bool: the user had the target before (earlier event of the user)
+    event: np.ndarray  # the target's event index (in the events given to build_steps)
+    seen: SeenItems | None = None  # each user's items by first occurrence
 
     def __len__(self) -> int:
         return int(self.input.size)
@@ -51,7 +103,8 @@ def build_steps(
     ``score`` marks events whose prediction counts (a step is scored when its target is);
     ``time`` (Unix seconds) and ``user_index`` (each event's user in the model's user
     vocabulary) are what a network's ``context`` reports (zeros / -1 when not given).
-    Sessions of one event give no step; their users still start cleanly.
+    Sessions of one event give no step; their users still start cleanly (and their items
+    count as seen for the repeat flags).
     """
     n = item.size
     ses_first = np.r_[True, session[1:] != session[:-1]] if n else np.zeros(0, bool)
@@ -64,6 +117,7 @@ def build_steps(
     s_session = session[idx]
     s_ustart = np.r_[True, s_user[1:] != s_user[:-1]] if idx.size else np.zeros(0, bool)
     s_sstart = s_ustart | (np.r_[True, s_session[1:] != s_session[:-1]] if idx.size else False)
+    seen, repeat = seen_items(item, user)
     return Steps(
         input=item[idx].astype(np.int64),
         target=item[idx + 1].astype(np.int64),
@@ -77,7 +131,13 @@ def build_steps(
         gap=np.where(user_first[idx], 0, time[idx] - time[np.maximum(idx - 1, 0)])
         if time is not None else np.zeros(idx.size, np.int64),
         user_index=user_index[idx] if user_index is not None else np.full(idx.size, -1),
+        repeat=repeat[idx + 1],
+        event=(idx + 1).astype(np.int64),
+        seen=seen,
     )
+
+
+STEP_FIELDS = tuple(f.name for f in dataclasses.fields(Steps) if f.name != "seen")
 
 
 def user_lengths(steps_user: np.ndarray) -> np.ndarray:
@@ -103,7 +163,7 @@ def select_users(steps: Steps, keep_user: np.ndarray) -> Steps:
     """The steps of the users (by order of appearance) where ``keep_user`` is True."""
     group = np.repeat(np.arange(keep_user.size), user_lengths(steps.user))
     mask = keep_user[group]
-    return Steps(**{f: getattr(steps, f)[mask] for f in Steps.__dataclass_fields__})
+    return Steps(**{f: getattr(steps, f)[mask] for f in STEP_FIELDS}, seen=steps.seen)
 
 
 def schedule_users(lengths: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +232,9 @@ class Chunk:
     any_start: list[bool]  # [T] whether any slot starts a session (host)
     n_events: int  # valid entries
     n_scored: int  # scored entries
+    repeat: Tensor | None = None  # [T, B] bool: the user had the target before
+    event: np.ndarray | None = None  # [T, B] the target's event index (host; -1: no step)
+    seen: SeenItems | None = None  # the users' items by first occurrence (host, shared)
 
     def _map(self, fn) -> Chunk:
         return dataclasses.replace(
@@ -224,6 +287,7 @@ class PlanDataset(torch.utils.data.Dataset):
             "time": st.time[idx],
             "gap": st.gap[idx],
             "user_index": np.where(valid, st.user_index[idx], -1),
+            "repeat": st.repeat[idx] & valid,
         }
         # slots that continue a user into a new session (the user GRU runs on these only)
         t_idx, slots = np.nonzero(sstart & ~chunk["user_start"])
@@ -234,4 +298,6 @@ class PlanDataset(torch.utils.data.Dataset):
             any_start=sstart.any(axis=1).tolist(),
             n_events=int(valid.sum()),
             n_scored=int(score.sum()),
+            event=np.where(valid, st.event[idx], -1),
+            seen=st.seen,
         )

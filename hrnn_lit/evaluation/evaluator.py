@@ -10,9 +10,12 @@ from torch import Tensor
 
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.metrics import metrics_from_ranks, target_ranks
-from hrnn_lit.evaluation.ranking import cap_ranks
+from hrnn_lit.evaluation.ranking import cap_ranks, dense_repeat_counts
 
 FIELDS = ("rank", "position", "history")
+# per event, when the evaluation knows them (EvalLoop always does): whether the target is a
+# repeat, and how many of the user's earlier items are in its top K for each K of ``ks``
+REPEAT_FIELDS = ("repeat", "repeat_count")
 
 
 class RankCollector:
@@ -21,16 +24,28 @@ class RankCollector:
 
     ``rank_cap`` (the largest K of the metrics): ranks above it are kept as rank_cap + 1,
     whichever path computed them; no metric at K <= rank_cap depends on them, and the
-    ranking may skip resolving them (``ranking.catalogue_ranks``). None: exact ranks."""
+    ranking may skip resolving them (``ranking.catalogue_ranks``). None: exact ranks.
+    ``ks``: the K of the repeat counts (default: the rank cap)."""
 
-    def __init__(self, ties: str = "conservative", rank_cap: int | None = None):
+    def __init__(self, ties: str = "conservative", rank_cap: int | None = None, ks=None):
         self.ties = ties
         self.rank_cap = rank_cap
+        self.ks = tuple(ks) if ks else ((rank_cap,) if rank_cap else (20,))
         self._parts: list[dict[str, Tensor]] = []
 
-    def add(self, scores: Tensor, targets: Tensor, position: Tensor, history: Tensor) -> None:
+    def add(
+        self,
+        scores: Tensor,
+        targets: Tensor,
+        position: Tensor,
+        history: Tensor,
+        repeat: Tensor | None = None,
+        seen: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         """Scores [N, n_items] for N scored events with their targets [N]; a non-finite
-        score anywhere stops the run (one line)."""
+        score anywhere stops the run (one line). ``repeat`` [N] (the target is a repeat)
+        and ``seen`` (pair rows [P], items [P]: each event's earlier items) give the
+        repeat/explore metrics."""
         # NaN/inf anywhere makes the sum non-finite (one pass); only then count them (a
         # sum can also overflow from finite scores)
         if not bool(torch.isfinite(scores.sum())) and not bool(torch.isfinite(scores).all()):
@@ -40,19 +55,33 @@ class RankCollector:
                 "model's output); refusing to report metrics"
             )
         ranks = target_ranks(scores, targets, self.ties)
-        self.add_ranks(ranks, position, history, scores.shape[1])
+        count = None
+        if repeat is not None and seen is not None:
+            count = dense_repeat_counts(scores.detach(), *seen, self.ks, self.ties)
+        self.add_ranks(ranks, position, history, scores.shape[1], repeat, count)
 
-    def add_ranks(self, ranks: Tensor, position: Tensor, history: Tensor, n_items: int) -> None:
+    def add_ranks(
+        self,
+        ranks: Tensor,
+        position: Tensor,
+        history: Tensor,
+        n_items: int,
+        repeat: Tensor | None = None,
+        repeat_count: Tensor | None = None,
+    ) -> None:
         """Ranks [N] already computed with this collector's ``ties`` (e.g. by
-        ``ranking.catalogue_ranks``); a rank above ``n_items`` marks a non-finite score."""
-        self._parts.append(
-            {
-                "rank": cap_ranks(ranks, self.rank_cap, n_items),
-                "position": position,
-                "history": history,
-                "n_items": torch.full_like(ranks, n_items),
-            }
-        )
+        ``ranking.catalogue_ranks``); a rank above ``n_items`` marks a non-finite score.
+        ``repeat`` [N] bool and ``repeat_count`` [N, len(ks)] (``ranking.repeat_counts``):
+        both or neither (the repeat/explore metrics need every part to have them)."""
+        part = {
+            "rank": cap_ranks(ranks, self.rank_cap, n_items),
+            "position": position,
+            "history": history,
+            "n_items": torch.full_like(ranks, n_items),
+        }
+        if repeat is not None and repeat_count is not None:
+            part["repeat"], part["repeat_count"] = repeat.bool(), repeat_count.long()
+        self._parts.append(part)
 
     def __len__(self) -> int:
         return sum(p["rank"].numel() for p in self._parts)
@@ -65,8 +94,17 @@ class RankCollector:
         keys = (*FIELDS, "n_items")
         empty = torch.zeros(0, dtype=torch.long)
         out = {k: torch.cat([p[k] for p in self._parts]) if self._parts else empty for k in keys}
+        # the repeat fields when every part has them (a rank with no part has them too)
+        if all("repeat" in p for p in self._parts):
+            out["repeat"] = torch.cat([p["repeat"] for p in self._parts]) if self._parts else (
+                torch.zeros(0, dtype=torch.bool))  # fmt: skip
+            out["repeat_count"] = (
+                torch.cat([p["repeat_count"] for p in self._parts])
+                if self._parts
+                else torch.zeros(0, len(self.ks), dtype=torch.long)
+            )
         if gather is not None:  # every rank takes part, also one with nothing to evaluate
-            out = {k: gather(v) for k, v in out.items()}
+            out = {k: _gather(gather, v) for k, v in out.items()}
         out = {k: v.cpu() for k, v in out.items()}
         if out["rank"].numel() == 0:
             raise RuntimeError(f"{stage}: no scored event was evaluated")
@@ -79,8 +117,36 @@ class RankCollector:
         del out["n_items"]
         metrics = metrics_from_ranks(out["rank"], ks, prefix=f"{stage}/")
         metrics[f"{stage}/n_events"] = float(out["rank"].numel())
+        if "repeat" in out:
+            metrics.update(repeat_metrics(out, ks, self.ks, stage))
         self._parts = []
         return metrics, out
+
+
+def _gather(gather: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    """``gather`` (1-d) of a tensor of any shape along its first dimension; bools as bytes."""
+    flat = t.reshape(-1).to(torch.uint8) if t.dtype == torch.bool else t.reshape(-1)
+    out = gather(flat).view(-1, *t.shape[1:])
+    return out.bool() if t.dtype == torch.bool else out
+
+
+def repeat_metrics(outputs: dict[str, Tensor], ks, count_ks, stage: str) -> dict[str, float]:
+    """The repeat/explore split (docs/design.md §6): ``{stage}_repeat/...`` and
+    ``{stage}_explore/...`` (recall, MRR, NDCG at every K and ``n_events``) over the events
+    whose target the user had before, or not; ``{stage}/repeat_share@K``: the mean share of
+    the top K that the user had before (``count_ks``: the K of ``repeat_count``'s columns)."""
+    out: dict[str, float] = {}
+    repeat = outputs["repeat"]
+    for name, sel in (("repeat", repeat), ("explore", ~repeat)):
+        prefix = f"{stage}_{name}/"
+        out.update(metrics_from_ranks(outputs["rank"][sel], ks, prefix=prefix))
+        out[f"{prefix}n_events"] = float(sel.sum())
+    count = outputs["repeat_count"].to(torch.float64)
+    for k in ks:
+        if k in count_ks:
+            share = count[:, list(count_ks).index(k)] / k
+            out[f"{stage}/repeat_share@{k}"] = share.sum().item() / max(share.numel(), 1)
+    return out
 
 
 def position_bucket(position: Tensor, cap: int = 10) -> Tensor:
@@ -121,12 +187,12 @@ class Evaluation:
     def __init__(self, ks, ties: str = "conservative"):
         self.ks = list(ks)
         self.ties = ties
-        self.collector = RankCollector(ties, rank_cap=max(self.ks))
+        self.collector = RankCollector(ties, rank_cap=max(self.ks), ks=self.ks)
         self.metrics: dict[str, dict[str, float]] = {}
         self.outputs: dict[str, dict[str, Tensor]] = {}
 
     def begin(self) -> RankCollector:
-        self.collector = RankCollector(self.ties, rank_cap=max(self.ks))
+        self.collector = RankCollector(self.ties, rank_cap=max(self.ks), ks=self.ks)
         return self.collector
 
     def finish(

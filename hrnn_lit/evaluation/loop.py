@@ -31,7 +31,13 @@ from torch import Tensor
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
-from hrnn_lit.evaluation.ranking import catalogue_ranks, check_finite_catalogue, sparse_ranks
+from hrnn_lit.evaluation.ranking import (
+    catalogue_ranks,
+    catalogue_repeat_counts,
+    check_finite_catalogue,
+    dense_repeat_counts,
+    sparse_ranks,
+)
 from hrnn_lit.nets import api
 from hrnn_lit.ops.activations import at_least_float32, ranking_activation
 
@@ -167,52 +173,116 @@ class EvalLoop:
 
     # ----------------------------------------------------------------- ranking
     def _rank(self, batch: Chunk, t0: int, t1: int, parts: list[api.State]) -> None:
-        """Rank the targets of the scored slots of time steps t0..t1-1 (states ``parts``)."""
+        """Rank the targets of the scored slots of time steps t0..t1-1 (states ``parts``),
+        and count the user's earlier items in each one's top K (``_seen``)."""
         mask = batch.score[t0:t1]
         events = [getattr(batch, k)[t0:t1][mask] for k in ("target", "position", "history")]
+        repeat, (pair_rows, pair_items) = self._seen(batch, t0, t1, events[0].numel())
         state, net = api.cat(parts), self.net
         if self.fast and hasattr(net, "score_factors"):
-            self._rank_factors(net.score_factors(state), *events)
+            self._rank_factors(net.score_factors(state), *events, repeat, pair_rows, pair_items)
             return
         sparse = self.fast and hasattr(net, "sparse_scores")
         n, rows = events[0].numel(), self.eval_block
         if not sparse:  # at most BLOCK_SCORES dense scores at a time
             rows = max(1, min(rows, BLOCK_SCORES // self.n_items))
-        for lo in range(0, n, rows):
+        # each row block's pairs: pairs are ordered by row
+        bounds = torch.searchsorted(pair_rows, torch.arange(0, n + rows, rows, device=mask.device))
+        bounds = bounds.tolist()
+        for i, lo in enumerate(range(0, n, rows)):
             block = api.select(state, torch.arange(lo, min(lo + rows, n), device=mask.device))
-            part = [x[lo : lo + rows] for x in events]
+            part = [x[lo : lo + rows] for x in (*events, repeat)]
+            pairs = _pairs(pair_rows, pair_items, bounds[i], bounds[i + 1], lo)
             if sparse:
-                self._rank_sparse(net.sparse_scores(block), *part)
+                self._rank_sparse(net.sparse_scores(block), *part, pairs)
             else:  # [rows, n_items]; every score is checked finite
-                self.collector.add(at_least_float32(net.score(block)), *part)
+                self.collector.add(at_least_float32(net.score(block)), *part, pairs)
 
-    def _rank_factors(self, f: api.ScoreFactors, targets, position, history) -> None:
-        """Ranks without the score matrix, in row blocks, resolved up to the rank cap."""
+    def _seen(self, batch: Chunk, t0: int, t1: int, n: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The scored events' repeat flags [n] and their users' earlier items as pairs
+        (event row [P] ascending, item [P]), from the chunk's host-side ``seen`` table."""
+        if batch.seen is None or batch.repeat is None or batch.event is None:
+            raise ValueError("evaluation needs chunks of Steps from build_steps (the seen items)")
+        device = batch.target.device
+        mask = batch.score[t0:t1]
+        repeat = batch.repeat[t0:t1][mask]
+        event = batch.event[t0:t1][batch.score[t0:t1].cpu().numpy()]
+        offsets, items = batch.seen.before(event)
+        rows = np.repeat(np.arange(n), np.diff(offsets))
+        return repeat, (self._index(rows, device), self._index(items, device))
+
+    def _rank_factors(self, f: api.ScoreFactors, targets, position, history, repeat,
+                      pair_rows, pair_items) -> None:  # fmt: skip
+        """Ranks without the score matrix, in row blocks, resolved up to the rank cap; the
+        repeat counts over the same products."""
         col = self.collector
         query, weight = f.queries[0], f.tables[0]
         user, user_weight = (f.queries[1], f.tables[1]) if len(f.tables) > 1 else (None, None)
         if not self._checked:
             check_finite_catalogue(weight, f.bias, user_weight)
             self._checked = True
+        act = ranking_activation(f.act)
         ranks = catalogue_ranks(
             query, targets, weight, f.bias, col.ties, user, user_weight,
-            ranking_activation(f.act), max_rows=self.eval_block, rank_cap=col.rank_cap,
+            act, max_rows=self.eval_block, rank_cap=col.rank_cap,
         )  # fmt: skip
-        col.add_ranks(ranks, position, history, weight.shape[0])
+        count = catalogue_repeat_counts(
+            query, pair_rows, pair_items, weight, f.bias, col.ks, col.ties, user, user_weight,
+            act, max_rows=self.eval_block,
+        )  # fmt: skip
+        col.add_ranks(ranks, position, history, weight.shape[0], repeat, count)
 
-    def _rank_sparse(self, s: api.SparseScores, targets, position, history) -> None:
+    def _rank_sparse(self, s: api.SparseScores, targets, position, history, repeat,
+                     pairs) -> None:  # fmt: skip
         """Ranks by binary search in the sorted base (sorted once per pass). Non-finite
-        scores stop the pass: the base is checked once per pass, the entries always."""
+        scores stop the pass: the base is checked once per pass, the entries always. The
+        repeat counts from the block's scores written out in full (the dense fallback)."""
         if self._sorted_base is None:
             if not bool(torch.isfinite(s.base).all()):
                 raise NumericalError("evaluation: the base scores of some items are not finite")
             self._sorted_base = torch.sort(s.base).values
         if not bool(torch.isfinite(s.values).all()):
             raise NumericalError("evaluation: some scores are not finite (NaN/inf)")
+        col = self.collector
         ranks = sparse_ranks(
-            self._sorted_base, s.base, s.rows, s.items, s.values, targets, self.collector.ties
+            self._sorted_base, s.base, s.rows, s.items, s.values, targets, col.ties
         )
-        self.collector.add_ranks(ranks, position, history, s.base.numel())
+        col.add_ranks(ranks, position, history, s.base.numel(), repeat,
+                      self._sparse_repeat_counts(s, targets.numel(), *pairs))  # fmt: skip
+
+    def _sparse_repeat_counts(self, s: api.SparseScores, n: int, pair_rows, pair_items) -> Tensor:
+        """Repeat counts of sparse scores: the rows' scores written out in full, at most
+        BLOCK_SCORES at a time (rows without an earlier item are skipped)."""
+        ks = self.collector.ks
+        out = torch.zeros(n, len(ks), dtype=torch.long, device=pair_rows.device)
+        if pair_rows.numel() == 0:
+            return out
+        n_items = s.base.numel()
+        rows = max(1, BLOCK_SCORES // n_items)
+        bounds = torch.searchsorted(pair_rows, torch.arange(0, n + rows, rows, device=out.device))
+        bounds = bounds.tolist()
+        e_bounds = torch.searchsorted(s.rows, torch.arange(0, n + rows, rows, device=out.device))
+        e_bounds = e_bounds.tolist() if bool((s.rows[1:] >= s.rows[:-1]).all()) else None
+        for i, lo in enumerate(range(0, n, rows)):
+            if bounds[i] == bounds[i + 1]:
+                continue
+            hi = min(lo + rows, n)
+            scores = s.base.expand(hi - lo, n_items).clone()
+            if e_bounds is not None:
+                ea, eb = e_bounds[i], e_bounds[i + 1]
+                er, ei, ev = s.rows[ea:eb] - lo, s.items[ea:eb], s.values[ea:eb]
+            else:
+                keep = (s.rows >= lo) & (s.rows < hi)
+                er, ei, ev = s.rows[keep] - lo, s.items[keep], s.values[keep]
+            scores[er, ei] = ev.to(scores.dtype)
+            pr, pi = _pairs(pair_rows, pair_items, bounds[i], bounds[i + 1], lo)
+            out[lo:hi] = dense_repeat_counts(scores, pr, pi, ks, self.collector.ties)
+        return out
+
+
+def _pairs(rows: Tensor, items: Tensor, a: int, b: int, lo: int) -> tuple[Tensor, Tensor]:
+    """Pairs a..b-1, their rows counted from ``lo``."""
+    return rows[a:b] - lo, items[a:b]
 
 
 def _shapes(state: api.State) -> list[torch.Size]:

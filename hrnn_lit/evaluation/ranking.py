@@ -249,3 +249,128 @@ def sparse_ranks(
     count = count.index_add(0, rows, delta)
     ranks = count + 1 if optimistic else count
     return ranks.masked_fill(~torch.isfinite(target_score), n_items + 1)
+
+
+# ------------------------------------------------------------- repeat share
+# docs/design.md §6: the share of a model's top-K slots that hold items the user had before.
+# An item is in the top K when its own rank, by the run's tie rule, is at most K (as a
+# target's), and the count is at most K. So only each row's K+1 largest scores and the
+# scores of its user's earlier items are needed: conservative, rank(j) <= K iff
+# s_j > (the (K+1)-th largest score); optimistic, iff s_j >= (the K-th largest).
+
+
+def top_values(scores: Tensor, k: int) -> Tensor:
+    """[N, k] the k largest scores of each row, descending, padded with -inf."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).values
+    if top.shape[1] < k:
+        top = torch.nn.functional.pad(top, (0, k - top.shape[1]), value=float("-inf"))
+    return top
+
+
+def repeat_counts(
+    top: Tensor, pair_rows: Tensor, pair_scores: Tensor, ks, ties: str = "conservative"
+) -> Tensor:
+    """[N, len(ks)] how many of each row's earlier items (pairs: row [P], score [P]) are in
+    its top K, for each K of ``ks``; ``top``: the rows' max(ks) + 1 largest scores."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    n = top.shape[0]
+    out = torch.zeros(n, len(ks), dtype=torch.long, device=top.device)
+    for i, k in enumerate(ks):
+        if ties == "conservative":
+            inside = pair_scores > top[pair_rows, k]
+        else:
+            inside = pair_scores >= top[pair_rows, k - 1]
+        out[:, i] = torch.bincount(pair_rows[inside], minlength=n).clamp_(max=k)
+    return out
+
+
+def dense_repeat_counts(
+    scores: Tensor, pair_rows: Tensor, pair_items: Tensor, ks, ties: str = "conservative"
+) -> Tensor:
+    """``repeat_counts`` from the full score matrix [N, n_items]."""
+    top = top_values(scores, max(ks) + 1)
+    return repeat_counts(top, pair_rows, scores[pair_rows, pair_items], ks, ties)
+
+
+def catalogue_repeat_counts(
+    h: Tensor,
+    pair_rows: Tensor,
+    pair_items: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    ks,
+    ties: str = "conservative",
+    user: Tensor | None = None,
+    user_weight: Tensor | None = None,
+    act: str = "linear",
+    max_rows: int = 1024,
+    block_cols: int | None = None,
+) -> Tensor:
+    """``repeat_counts`` for the scores of ``catalogue_ranks`` (same arguments), without the
+    score matrix: column blocks of the same products, each row keeping its max(ks) + 1
+    largest scores and its pairs' scores as its block gives them. Rows without an earlier
+    item (count 0) are not scored."""
+    n_rows, n_items = h.shape[0], weight.shape[0]
+    out = torch.zeros(n_rows, len(ks), dtype=torch.long, device=h.device)
+    if user_weight is None:
+        user = None
+    active = torch.unique(pair_rows)  # rows with an earlier item (sorted)
+    if active.numel() == 0:
+        return out
+    local = torch.searchsorted(active, pair_rows)  # pair -> its row among the active ones
+    order = torch.argsort(local, stable=True)
+    local, items = local[order], pair_items[order]
+    cpu = h.device.type == "cpu"
+    if cpu:
+        row_bounds = _splits(active.numel(), max(1, max_rows))
+    else:  # at most 32 MB of scores, each row block scored in full
+        rows = max(1, min(max_rows, (32 << 20) // (4 * n_items)))
+        row_bounds = list(range(0, active.numel(), rows)) + [active.numel()]
+    pair_bounds = torch.searchsorted(local, torch.tensor(row_bounds, device=local.device))
+    pair_bounds = pair_bounds.tolist()
+    for r0, r1, pa, pb in zip(row_bounds[:-1], row_bounds[1:], pair_bounds[:-1], pair_bounds[1:]):
+        rows = active[r0:r1]
+        p_row, p_item = local[pa:pb] - r0, items[pa:pb]
+        a_h, a_u = h[rows], None if user is None else user[rows]
+        m = rows.numel()
+        if not cpu or m < MIN_ROWS or n_items < 2 * MIN_ROWS:  # the plain path
+            scores = linear_scores(a_h, weight, bias, a_u, user_weight, act)
+            out[rows] = dense_repeat_counts(scores, p_row, p_item, ks, ties)
+            continue
+        with torch.no_grad():
+            out[rows] = _blocked_repeat_counts(
+                a_h, a_u, p_row, p_item, weight, bias, user_weight, act, ks, ties, block_cols
+            )
+    return out
+
+
+def _blocked_repeat_counts(h, user, p_row, p_item, weight, bias, user_weight, act, ks, ties,
+                           block_cols) -> Tensor:  # fmt: skip
+    """``repeat_counts`` of rows h (all with pairs) over column blocks of the product."""
+    m, n_items = h.shape[0], weight.shape[0]
+    cols = max(block_cols or BLOCK_BYTES // (4 * m), MIN_ROWS)
+    k1 = max(ks) + 1
+    top = torch.full((m, k1), float("-inf"), dtype=h.dtype)
+    p_score = torch.empty(p_item.numel(), dtype=h.dtype)
+    p_order = torch.argsort(p_item)  # pairs by item: each column block's are a range
+    p_sorted = p_item[p_order]
+    buf = torch.empty(0, dtype=h.dtype)
+    lo = 0
+    while lo < n_items:
+        hi = lo + _splits(n_items - lo, cols)[1]
+        if buf.numel() < m * (k1 + hi - lo):
+            buf = torch.empty(m * (k1 + hi - lo), dtype=h.dtype)
+        both = buf[: m * (k1 + hi - lo)].view(m, k1 + hi - lo)  # [top | block]
+        s = both[:, k1:]
+        torch.addmm(bias[lo:hi].T, h, weight[lo:hi].T, out=s)
+        if user_weight is not None:
+            s.add_(user @ user_weight[lo:hi].T)
+        _act(s, act, inplace=True)
+        a, b = torch.searchsorted(p_sorted, torch.tensor([lo, hi])).tolist()
+        sel = p_order[a:b]
+        p_score[sel] = s[p_row[sel], p_item[sel] - lo]
+        both[:, :k1] = top
+        top = both.topk(k1, dim=1).values
+        lo = hi
+    return repeat_counts(top, p_row, p_score, ks, ties)
