@@ -32,8 +32,7 @@ from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.ranking import (
-    catalogue_ranks,
-    catalogue_repeat_counts,
+    catalogue_ranks_repeat,
     check_finite_catalogue,
     dense_repeat_counts,
     sparse_ranks,
@@ -222,13 +221,9 @@ class EvalLoop:
             check_finite_catalogue(weight, f.bias, user_weight)
             self._checked = True
         act = ranking_activation(f.act)
-        ranks = catalogue_ranks(
-            query, targets, weight, f.bias, col.ties, user, user_weight,
-            act, max_rows=self.eval_block, rank_cap=col.rank_cap,
-        )  # fmt: skip
-        count = catalogue_repeat_counts(
-            query, pair_rows, pair_items, weight, f.bias, col.ks, col.ties, user, user_weight,
-            act, max_rows=self.eval_block,
+        ranks, count = catalogue_ranks_repeat(
+            query, targets, pair_rows, pair_items, weight, f.bias, col.ks, col.ties, user,
+            user_weight, act, max_rows=self.eval_block, rank_cap=col.rank_cap,
         )  # fmt: skip
         col.add_ranks(ranks, position, history, weight.shape[0], repeat, count)
 

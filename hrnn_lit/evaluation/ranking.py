@@ -278,10 +278,10 @@ def repeat_counts(
     out = torch.zeros(n, len(ks), dtype=torch.long, device=top.device)
     for i, k in enumerate(ks):
         if ties == "conservative":
-            inside = pair_scores > top[pair_rows, k]
+            inside = pair_scores > top.select(1, k).index_select(0, pair_rows)
         else:
-            inside = pair_scores >= top[pair_rows, k - 1]
-        out[:, i] = torch.bincount(pair_rows[inside], minlength=n).clamp_(max=k)
+            inside = pair_scores >= top.select(1, k - 1).index_select(0, pair_rows)
+        out[:, i].index_add_(0, pair_rows, inside.long()).clamp_(max=k)
     return out
 
 
@@ -290,11 +290,13 @@ def dense_repeat_counts(
 ) -> Tensor:
     """``repeat_counts`` from the full score matrix [N, n_items]."""
     top = top_values(scores, max(ks) + 1)
-    return repeat_counts(top, pair_rows, scores[pair_rows, pair_items], ks, ties)
+    own = scores.reshape(-1).index_select(0, pair_rows * scores.shape[1] + pair_items)
+    return repeat_counts(top, pair_rows, own, ks, ties)
 
 
-def catalogue_repeat_counts(
+def catalogue_ranks_repeat(
     h: Tensor,
+    targets: Tensor,
     pair_rows: Tensor,
     pair_items: Tensor,
     weight: Tensor,
@@ -306,71 +308,182 @@ def catalogue_repeat_counts(
     act: str = "linear",
     max_rows: int = 1024,
     block_cols: int | None = None,
-) -> Tensor:
-    """``repeat_counts`` for the scores of ``catalogue_ranks`` (same arguments), without the
-    score matrix: column blocks of the same products, each row keeping its max(ks) + 1
-    largest scores and its pairs' scores as its block gives them. Rows without an earlier
-    item (count 0) are not scored."""
+    rank_cap: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``catalogue_ranks`` (same arguments and ranks) and, from the same column blocks of
+    the product, ``repeat_counts`` [N, len(ks)] for the pairs (row [P] ascending, item [P]:
+    each row's earlier items). A row leaves the product once its rank passes ``rank_cap`` and
+    none of its pairs can reach its top max(ks) + 1 any more (checked against an upper
+    bound of their scores, where at least two column blocks are left); a row block with a
+    target score off its block's value, or too small for the blocked kernels, is scored
+    in full (the plain path)."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     n_rows, n_items = h.shape[0], weight.shape[0]
-    out = torch.zeros(n_rows, len(ks), dtype=torch.long, device=h.device)
     if user_weight is None:
         user = None
-    active = torch.unique(pair_rows)  # rows with an earlier item (sorted)
-    if active.numel() == 0:
-        return out
-    local = torch.searchsorted(active, pair_rows)  # pair -> its row among the active ones
-    order = torch.argsort(local, stable=True)
-    local, items = local[order], pair_items[order]
     cpu = h.device.type == "cpu"
-    if cpu:
-        row_bounds = _splits(active.numel(), max(1, max_rows))
-    else:  # at most 32 MB of scores, each row block scored in full
+    if not cpu:
         rows = max(1, min(max_rows, (32 << 20) // (4 * n_items)))
-        row_bounds = list(range(0, active.numel(), rows)) + [active.numel()]
-    pair_bounds = torch.searchsorted(local, torch.tensor(row_bounds, device=local.device))
+        bounds = list(range(0, n_rows, rows)) + [n_rows]
+    else:
+        bounds = _splits(n_rows, max(1, max_rows))
+    pair_bounds = torch.searchsorted(pair_rows, torch.tensor(bounds, device=pair_rows.device))
     pair_bounds = pair_bounds.tolist()
-    for r0, r1, pa, pb in zip(row_bounds[:-1], row_bounds[1:], pair_bounds[:-1], pair_bounds[1:]):
-        rows = active[r0:r1]
-        p_row, p_item = local[pa:pb] - r0, items[pa:pb]
-        a_h, a_u = h[rows], None if user is None else user[rows]
-        m = rows.numel()
-        if not cpu or m < MIN_ROWS or n_items < 2 * MIN_ROWS:  # the plain path
-            scores = linear_scores(a_h, weight, bias, a_u, user_weight, act)
-            out[rows] = dense_repeat_counts(scores, p_row, p_item, ks, ties)
-            continue
-        with torch.no_grad():
-            out[rows] = _blocked_repeat_counts(
-                a_h, a_u, p_row, p_item, weight, bias, user_weight, act, ks, ties, block_cols
-            )
-    return out
+    ranks_parts, count_parts = [], []
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        hb, tb = h[lo:hi], targets[lo:hi]
+        ub = None if user is None else user[lo:hi]
+        pr = pair_rows[pair_bounds[i] : pair_bounds[i + 1]] - lo
+        pi = pair_items[pair_bounds[i] : pair_bounds[i + 1]]
+        out = None
+        if cpu and hi - lo >= MIN_ROWS and n_items >= 2 * MIN_ROWS:
+            with torch.no_grad():
+                out = _blocked_ranks_repeat(
+                    hb, tb, pr, pi, weight, bias, ties, ub, user_weight, act, block_cols,
+                    rank_cap, ks,
+                )  # fmt: skip
+        if out is None:  # plain path (also where a target score was off its block's)
+            scores = linear_scores(hb, weight, bias, ub, user_weight, act)
+            out = target_ranks(scores, tb, ties), dense_repeat_counts(scores, pr, pi, ks, ties)
+        ranks_parts.append(cap_ranks(out[0], rank_cap, n_items))
+        count_parts.append(out[1])
+    if not ranks_parts:
+        return targets.new_zeros(0), torch.zeros(0, len(ks), dtype=torch.long)
+    return torch.cat(ranks_parts), torch.cat(count_parts)
 
 
-def _blocked_repeat_counts(h, user, p_row, p_item, weight, bias, user_weight, act, ks, ties,
-                           block_cols) -> Tensor:  # fmt: skip
-    """``repeat_counts`` of rows h (all with pairs) over column blocks of the product."""
-    m, n_items = h.shape[0], weight.shape[0]
-    cols = max(block_cols or BLOCK_BYTES // (4 * m), MIN_ROWS)
+def _pair_upper(h, user, p_row, p_item, weight, bias, user_weight, act, n_rows) -> Tensor:
+    """[n_rows] an upper bound of each row's largest pair score (-inf: no pair), from
+    direct dot products plus a bound of their rounding: a float sum of n terms is off by
+    at most (n - 1) eps sum|terms| in any order, and act is monotone."""
+    eps = torch.finfo(h.dtype).eps
+    terms = h[p_row] * weight[p_item]
+    score, size = terms.sum(1) + bias[p_item, 0], terms.abs().sum(1) + bias[p_item, 0].abs()
+    n = h.shape[1] + 1
+    if user_weight is not None:
+        uterms = user[p_row] * user_weight[p_item]
+        score, size = score + uterms.sum(1), size + uterms.abs().sum(1)
+        n += user.shape[1]
+    up = _act(score + 4 * n * eps * size + torch.finfo(h.dtype).tiny, act, inplace=False)
+    up = up + 8 * eps * up.abs()
+    out = torch.full((n_rows,), float("-inf"), dtype=h.dtype)
+    return out.scatter_reduce(0, p_row, up, "amax")
+
+
+def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, user_weight,
+                          act, block_cols, cap, ks):  # fmt: skip
+    """``_blocked_ranks`` (the same counting, checks and plain finish) that also keeps each
+    row's max(ks) + 1 largest scores and its pairs' scores; (ranks, counts) or None."""
+    n_rows, n_items = h.shape[0], weight.shape[0]
     k1 = max(ks) + 1
-    top = torch.full((m, k1), float("-inf"), dtype=h.dtype)
-    p_score = torch.empty(p_item.numel(), dtype=h.dtype)
-    p_order = torch.argsort(p_item)  # pairs by item: each column block's are a range
-    p_sorted = p_item[p_order]
-    buf = torch.empty(0, dtype=h.dtype)
+    t = _target_scores(h, targets, weight, bias, user, user_weight, act)
+    upper = None  # of the pair scores, computed when a row could first leave
+    compare = torch.Tensor.ge_ if ties == "conservative" else torch.Tensor.gt_
+    limit = None if cap is None else cap - (ties != "conservative")
+    count = torch.zeros(n_rows, dtype=torch.float64)
+    seen = torch.full_like(t, float("nan"))
+    top = torch.full((n_rows, k1), float("-inf"), dtype=h.dtype)
+    p_score = torch.full((p_item.numel(),), float("nan"), dtype=h.dtype)
+    plain = torch.zeros(n_rows, dtype=torch.long)
+    plain_count = torch.zeros(n_rows, len(ks), dtype=torch.long)
+    done_plain = torch.zeros(n_rows, dtype=torch.bool)
+    alive = torch.arange(n_rows)
+    where = torch.arange(n_rows)  # row -> its index among the alive rows (-1: gone)
+    p_where = p_row.clone()  # each pair's row among the alive rows
+    a_h, a_t, a_tg, a_u, a_up = h, t, targets, user, None
+    a_count, a_seen, a_top = count.clone(), seen.clone(), None
+    buf = torch.empty(0, dtype=t.dtype)
     lo = 0
-    while lo < n_items:
+    while lo < n_items and alive.numel():
+        m = alive.numel()
+        if m < MIN_ROWS:  # too few rows for the blocked kernels: the plain path, in full
+            scores = linear_scores(a_h, weight, bias, a_u, user_weight, act)
+            plain[alive] = target_ranks(scores, a_tg, ties)
+            mine = (p_where >= 0).nonzero().view(-1)
+            plain_count[alive] = dense_repeat_counts(
+                scores, p_where.index_select(0, mine), p_item.index_select(0, mine), ks, ties
+            )
+            done_plain[alive] = True
+            alive, a_count, a_seen = alive[:0], a_count[:0], a_seen[:0]
+            a_top = top[:0]
+            break
+        cols = max(block_cols or BLOCK_BYTES // (4 * m), MIN_ROWS)
         hi = lo + _splits(n_items - lo, cols)[1]
-        if buf.numel() < m * (k1 + hi - lo):
-            buf = torch.empty(m * (k1 + hi - lo), dtype=h.dtype)
-        both = buf[: m * (k1 + hi - lo)].view(m, k1 + hi - lo)  # [top | block]
-        s = both[:, k1:]
-        torch.addmm(bias[lo:hi].T, h, weight[lo:hi].T, out=s)
+        if buf.numel() < m * (hi - lo):
+            buf = torch.empty(m * (hi - lo), dtype=t.dtype)
+        s = buf[: m * (hi - lo)].view(m, hi - lo)  # contiguous
+        torch.addmm(bias[lo:hi].T, a_h, weight[lo:hi].T, out=s)
         if user_weight is not None:
-            s.add_(user @ user_weight[lo:hi].T)
+            s.add_(a_u @ user_weight[lo:hi].T)
         _act(s, act, inplace=True)
-        a, b = torch.searchsorted(p_sorted, torch.tensor([lo, hi])).tolist()
-        sel = p_order[a:b]
-        p_score[sel] = s[p_row[sel], p_item[sel] - lo]
-        both[:, :k1] = top
-        top = both.topk(k1, dim=1).values
+        sel = ((p_item >= lo) & (p_item < hi) & (p_where >= 0)).nonzero().view(-1)
+        flat = p_where.index_select(0, sel) * (hi - lo) + p_item.index_select(0, sel) - lo
+        p_score.index_copy_(0, sel, s.reshape(-1).index_select(0, flat))
+        a_top = _merge_top(a_top, s, k1)
+        local = a_tg - lo
+        inside = (local >= 0) & (local < hi - lo)
+        own = s.gather(1, local.clamp(0, hi - lo - 1)[:, None])[:, 0]
+        a_seen = torch.where(inside, own, a_seen)
+        a_count.add_(compare(s, a_t[:, None]).sum(1))  # (s is overwritten)
         lo = hi
-    return repeat_counts(top, p_row, p_score, ks, ties)
+        # leaving needs the pairs' upper bound (gathers of P rows of h and the catalogue,
+        # about one column block's cost): worth it with at least two more blocks to go
+        if limit is not None and n_items - lo >= 2 * cols and bool((a_count > limit).any()):
+            if upper is None:
+                upper = _pair_upper(h, user, p_row, p_item, weight, bias, user_weight, act, n_rows)
+                a_up = upper[alive]
+            out = (a_count > limit) & (a_top[:, -1] > a_up)
+            if bool(out.any()):
+                gone = alive[out]
+                count[gone], seen[gone], top[gone] = a_count[out], a_seen[out], a_top[out]
+                keep = ~out
+                alive, a_h, a_t, a_tg = alive[keep], a_h[keep], a_t[keep], a_tg[keep]
+                a_count, a_seen, a_top, a_up = a_count[keep], a_seen[keep], a_top[keep], a_up[keep]
+                a_u = a_u[keep] if a_u is not None else None
+                where[gone] = -1
+                where[alive] = torch.arange(alive.numel())
+                p_where = where.index_select(0, p_row)
+    count[alive], seen[alive] = a_count, a_seen
+    if a_top is not None:
+        top[alive] = a_top
+    finite = torch.isfinite(t)
+    full = torch.zeros(n_rows, dtype=torch.bool)
+    full[alive] = True  # counted over every column: their own target's included
+    checked = (full | ~seen.isnan()) & ~done_plain & finite
+    if bool((checked & (seen != t)).any()):
+        return None
+    ranks = count.long() if ties == "conservative" else count.long() + 1
+    ranks = torch.where(done_plain, plain, ranks)
+    counts = repeat_counts(top, p_row, p_score, ks, ties)
+    counts = torch.where(done_plain[:, None], plain_count, counts)
+    return ranks.masked_fill_(~finite, n_items + 1), counts
+
+
+def _merge_top(top: Tensor | None, s: Tensor, k: int, group: int = 16) -> Tensor:
+    """Each row's k largest values (descending) of ``top`` [m, k] (None: none yet) and the
+    block ``s`` [m, c]. Only values >= a lower bound of the result's k-th can enter: the
+    k-th largest of the block's group maxima (k groups hold at least k values above it)
+    or ``top``'s k-th; those few are merged by one small ``topk``."""
+    m, c = s.shape
+    n_groups = c // group
+    if n_groups < 2 * k:  # a narrow block: all of it
+        both = s if top is None else torch.cat([top, s], dim=1)
+        return top_values(both, k)
+    best = s[:, : n_groups * group].reshape(m, n_groups, group).amax(2)
+    bound = best.topk(k, dim=1).values[:, -1:]
+    if top is not None:
+        bound = torch.maximum(bound, top[:, -1:])
+    at = (s >= bound).view(-1).nonzero().view(-1)  # ascending: row-major
+    rows, values = at // c, s.view(-1).index_select(0, at)
+    n_new = torch.bincount(rows, minlength=m)
+    width = int(n_new.max()) if rows.numel() else 0
+    pad = torch.full((m, k + width), float("-inf"), dtype=s.dtype)
+    if top is not None:
+        pad[:, :k] = top
+    start = torch.cumsum(n_new, 0) - n_new
+    slot = torch.arange(rows.numel()) - start.index_select(0, rows)
+    pad.view(-1).index_copy_(0, rows * (k + width) + k + slot, values)
+    return pad.topk(k, dim=1).values
