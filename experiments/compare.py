@@ -13,7 +13,8 @@ a group. `seed`, output, logging and `hydra.*` settings never split groups. Rows
 sample standard deviation (n - 1; 0 for a single run) over the runs of a group; `n` is the
 number of runs (seeds) behind each row.
 
-Writes DIR/comparison.md (the table, then the two breakdown tables), DIR/by_position.pdf
+Writes DIR/comparison.md (the table, the repeat/explore table where the runs have its
+metrics, then the two breakdown tables), DIR/by_position.pdf
 and .png and DIR/by_history.pdf and .png (300 dpi), and prints the table. Built from
 results.json files only.
 """
@@ -322,6 +323,37 @@ def breakdown_table(groups, keys, kind: str, k: int, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+def repeat_table(groups, keys, k: int, digits: int = 4) -> str | None:
+    """Recall@k on repeat and explore targets (docs/design.md §6), the share of repeat
+    targets among the test events and repeat_share@k, mean ± std over each group's runs;
+    None when no run has these metrics (results from before they existed)."""
+    columns = [
+        ("repeat targets", None),
+        (f"repeat recall@{k}", f"test_repeat/recall@{k}"),
+        (f"explore recall@{k}", f"test_explore/recall@{k}"),
+        (f"repeat_share@{k}", f"test/repeat_share@{k}"),
+    ]
+    if not any(columns[1][1] in r["results"] for g in groups.values() for r in g):
+        return None
+    several_data = len({g[0] for g in groups}) > 1
+    header = ["run group", *(c for c, _ in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "--:|" * len(columns)]
+    for g, group in groups.items():
+        cells = []
+        for _, metric in columns:
+            if metric is not None:
+                cells.append(_metric_cell(group, metric, digits))
+                continue
+            shares = [
+                float(r["results"]["test_repeat/n_events"]) / float(r["results"]["test/n_events"])
+                for r in group
+                if "test_repeat/n_events" in r["results"] and r["results"].get("test/n_events")
+            ]
+            cells.append(f"{sum(shares) / len(shares):.{digits}f}" if shares else "–")
+        lines.append("| " + " | ".join([group_label(g, keys, several_data), *cells]) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -449,6 +481,14 @@ def compare(
             f" {len(repeated)} row(s) repeat a seed: the same configuration was run more than "
             "once (e.g. two sweep directories given); each run counts in n."
         )
+    repeats = repeat_table(groups, keys, k, digits)
+    repeat_md = [] if repeats is None else [
+        f"## Repeat and explore targets (Recall@{k}; repeat targets: their share of the test "
+        f"events; repeat_share@{k}: the share of the top {k} the user had before)",
+        "",
+        repeats,
+        "",
+    ]  # fmt: skip
     md = [
         "# Comparison",
         "",
@@ -456,6 +496,7 @@ def compare(
         "",
         table,
         "",
+        *repeat_md,
         f"## Recall@{k} by position in session (mean over seeds; {POSITION_CAP}+ = "
         f"{POSITION_CAP} and beyond)",
         "",

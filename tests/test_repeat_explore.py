@@ -338,3 +338,38 @@ def test_run_reports_repeat_explore_everywhere(tmp_path):
     for key in ("test_repeat/recall@5", "test_explore/mrr@20", "test/repeat_share@10",
                 "val_repeat/n_events", "val/repeat_share@5"):  # fmt: skip
         assert key in logged and float(logged[key]) == pytest.approx(saved[key]), key
+
+
+def test_compare_reports_repeat_and_explore(tmp_path):
+    """experiments/compare.py: the repeat/explore table where the runs have the metrics
+    (mean over seeds), none for results from before them; the keys work as --metrics."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import compare
+
+    for i, seed in enumerate((0, 1)):
+        d = tmp_path / "sweep" / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        res = {"data": "synthetic", "model": "user_pop", "seed": seed, "eval/ties": "conservative"}
+        res |= {"test/recall@5": 0.2, "test/n_events": 100.0, "test_by_position/1/recall@5": 0.2}
+        res |= {"test_repeat/recall@5": 0.3 + 0.1 * i, "test_explore/recall@5": 0.1}
+        res |= {"test_repeat/n_events": 40.0, "test_explore/n_events": 60.0}
+        res["test/repeat_share@5"] = 0.5
+        (d / "results.json").write_text(json.dumps(res))
+        (d / ".hydra" / "overrides.yaml").write_text(f"- model=user_pop\n- seed={seed}\n")
+    metrics = ["test/recall@5", "test_repeat/recall@5", "test_explore/recall@5"]
+    table = compare.compare([tmp_path / "sweep"], tmp_path / "out", metrics, 5, plots=False)
+    assert "test_repeat/recall@5" in table and "0.3500 ± 0.0707" in table
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "## Repeat and explore targets" in md
+    row = next(line for line in md.splitlines() if line.startswith("| user_pop"))
+    assert row.split(" | ")[1:] == ["0.4000", "0.3500 ± 0.0707", "0.1000 ± 0.0000",
+                                    "0.5000 ± 0.0000 |"]  # fmt: skip
+    for d in (tmp_path / "sweep").iterdir():  # results from before the metrics: no table
+        res = json.loads((d / "results.json").read_text())
+        res = {k: v for k, v in res.items() if "repeat" not in k and "explore" not in k}
+        (d / "results.json").write_text(json.dumps(res))
+    compare.compare([tmp_path / "sweep"], tmp_path / "old", ["test/recall@5"], 5, plots=False)
+    assert "Repeat and explore" not in (tmp_path / "old" / "comparison.md").read_text()
