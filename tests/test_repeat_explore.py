@@ -373,3 +373,12 @@ def test_compare_reports_repeat_and_explore(tmp_path):
         (d / "results.json").write_text(json.dumps(res))
     compare.compare([tmp_path / "sweep"], tmp_path / "old", ["test/recall@5"], 5, plots=False)
     assert "Repeat and explore" not in (tmp_path / "old" / "comparison.md").read_text()
+
+
+def test_progress_bar_keeps_the_overall_headline():
+    from hrnn_lit.evaluation.evaluator import Evaluation
+
+    ev = Evaluation([5, 20])
+    metrics = {"val/recall@20": 0.3, "val/mrr@20": 0.1, "val_repeat/recall@20": 0.5,
+               "val_explore/mrr@20": 0.05, "val/recall@5": 0.2}  # fmt: skip
+    assert ev.headline(metrics) == {"val/recall@20": 0.3, "val/mrr@20": 0.1}

@@ -213,6 +213,11 @@ class Evaluation:
             module.log_dict(head, prog_bar=True)
 
     def headline(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Recall and MRR at the largest K: the progress bar's share of the metrics."""
+        """Recall and MRR at the largest K over all events (not the repeat/explore parts):
+        the progress bar's share of the metrics."""
         k = max(self.ks)
-        return {n: v for n, v in metrics.items() if n.endswith((f"/recall@{k}", f"/mrr@{k}"))}
+        return {
+            n: v
+            for n, v in metrics.items()
+            if n.endswith((f"/recall@{k}", f"/mrr@{k}")) and "_" not in n.split("/")[0]
+        }

@@ -313,10 +313,9 @@ def catalogue_ranks_repeat(
     """``catalogue_ranks`` (same arguments and ranks) and, from the same column blocks of
     the product, ``repeat_counts`` [N, len(ks)] for the pairs (row [P] ascending, item [P]:
     each row's earlier items). A row leaves the product once its rank passes ``rank_cap`` and
-    none of its pairs can reach its top max(ks) + 1 any more (checked against an upper
-    bound of their scores, where at least two column blocks are left); a row block with a
-    target score off its block's value, or too small for the blocked kernels, is scored
-    in full (the plain path)."""
+    none of its pairs can reach its top max(ks) + 1 any more (the pairs' items are scored
+    first); a row block with a target score off its block's value, or too small for the
+    blocked kernels, is scored in full (the plain path)."""
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     if act not in ACTS:
@@ -355,32 +354,35 @@ def catalogue_ranks_repeat(
     return torch.cat(ranks_parts), torch.cat(count_parts)
 
 
-def _pair_upper(h, user, p_row, p_item, weight, bias, user_weight, act, n_rows) -> Tensor:
-    """[n_rows] an upper bound of each row's largest pair score (-inf: no pair), from
-    direct dot products plus a bound of their rounding: a float sum of n terms is off by
-    at most (n - 1) eps sum|terms| in any order, and act is monotone."""
-    eps = torch.finfo(h.dtype).eps
-    terms = h[p_row] * weight[p_item]
-    score, size = terms.sum(1) + bias[p_item, 0], terms.abs().sum(1) + bias[p_item, 0].abs()
-    n = h.shape[1] + 1
-    if user_weight is not None:
-        uterms = user[p_row] * user_weight[p_item]
-        score, size = score + uterms.sum(1), size + uterms.abs().sum(1)
-        n += user.shape[1]
-    up = _act(score + 4 * n * eps * size + torch.finfo(h.dtype).tiny, act, inplace=False)
-    up = up + 8 * eps * up.abs()
-    out = torch.full((n_rows,), float("-inf"), dtype=h.dtype)
-    return out.scatter_reduce(0, p_row, up, "amax")
-
-
 def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, user_weight,
                           act, block_cols, cap, ks):  # fmt: skip
     """``_blocked_ranks`` (the same counting, checks and plain finish) that also keeps each
-    row's max(ks) + 1 largest scores and its pairs' scores; (ranks, counts) or None."""
+    row's max(ks) + 1 largest scores and its pairs' scores; (ranks, counts) or None.
+
+    The columns go in another order: first the items of any pair (ascending), then the
+    others, as copies of the catalogue's rows (each score is still computed from its own
+    row and column: the same bits). Once the pairs' items are done, every pair's score is
+    known, and a row whose rank passed the cap leaves when its (max(ks) + 1)-th largest
+    score so far is above all of its pairs' (none can be in its top K); a row without pairs
+    leaves as in ``_blocked_ranks``."""
     n_rows, n_items = h.shape[0], weight.shape[0]
     k1 = max(ks) + 1
     t = _target_scores(h, targets, weight, bias, user, user_weight, act)
-    upper = None  # of the pair scores, computed when a row could first leave
+    items = torch.unique(p_item)  # sorted
+    n_first = items.numel()
+    if 0 < n_first < n_items:  # the pairs' items first
+        rest = torch.ones(n_items, dtype=torch.bool)
+        rest[items] = False
+        order = torch.cat([items, rest.nonzero().view(-1)])
+        pos = torch.empty(n_items, dtype=torch.long)
+        pos[order] = torch.arange(n_items)
+        o_weight, o_bias = weight.index_select(0, order), bias.index_select(0, order)
+        o_user_weight = None if user_weight is None else user_weight.index_select(0, order)
+        t_pos, p_pos = pos.index_select(0, targets), pos.index_select(0, p_item)
+    else:
+        o_weight, o_bias, o_user_weight, t_pos, p_pos = weight, bias, user_weight, targets, p_item
+    has_pair = torch.zeros(n_rows, dtype=torch.bool)
+    has_pair[p_row] = True
     compare = torch.Tensor.ge_ if ties == "conservative" else torch.Tensor.gt_
     limit = None if cap is None else cap - (ties != "conservative")
     count = torch.zeros(n_rows, dtype=torch.float64)
@@ -393,15 +395,15 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
     alive = torch.arange(n_rows)
     where = torch.arange(n_rows)  # row -> its index among the alive rows (-1: gone)
     p_where = p_row.clone()  # each pair's row among the alive rows
-    a_h, a_t, a_tg, a_u, a_up = h, t, targets, user, None
-    a_count, a_seen, a_top = count.clone(), seen.clone(), None
+    a_h, a_t, a_tg, a_u, a_pair = h, t, t_pos, user, has_pair
+    a_count, a_seen, a_top, a_best = count.clone(), seen.clone(), None, None
     buf = torch.empty(0, dtype=t.dtype)
     lo = 0
     while lo < n_items and alive.numel():
         m = alive.numel()
         if m < MIN_ROWS:  # too few rows for the blocked kernels: the plain path, in full
             scores = linear_scores(a_h, weight, bias, a_u, user_weight, act)
-            plain[alive] = target_ranks(scores, a_tg, ties)
+            plain[alive] = target_ranks(scores, targets.index_select(0, alive), ties)
             mine = (p_where >= 0).nonzero().view(-1)
             plain_count[alive] = dense_repeat_counts(
                 scores, p_where.index_select(0, mine), p_item.index_select(0, mine), ks, ties
@@ -411,17 +413,19 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
             a_top = top[:0]
             break
         cols = max(block_cols or BLOCK_BYTES // (4 * m), MIN_ROWS)
-        hi = lo + _splits(n_items - lo, cols)[1]
+        end = n_first if lo < n_first else n_items  # a block ends where the pairs' items do
+        hi = lo + _splits(end - lo, cols)[1]
         if buf.numel() < m * (hi - lo):
             buf = torch.empty(m * (hi - lo), dtype=t.dtype)
         s = buf[: m * (hi - lo)].view(m, hi - lo)  # contiguous
-        torch.addmm(bias[lo:hi].T, a_h, weight[lo:hi].T, out=s)
+        torch.addmm(o_bias[lo:hi].T, a_h, o_weight[lo:hi].T, out=s)
         if user_weight is not None:
-            s.add_(a_u @ user_weight[lo:hi].T)
+            s.add_(a_u @ o_user_weight[lo:hi].T)
         _act(s, act, inplace=True)
-        sel = ((p_item >= lo) & (p_item < hi) & (p_where >= 0)).nonzero().view(-1)
-        flat = p_where.index_select(0, sel) * (hi - lo) + p_item.index_select(0, sel) - lo
-        p_score.index_copy_(0, sel, s.reshape(-1).index_select(0, flat))
+        if lo < n_first:
+            sel = ((p_pos >= lo) & (p_pos < hi) & (p_where >= 0)).nonzero().view(-1)
+            flat = p_where.index_select(0, sel) * (hi - lo) + p_pos.index_select(0, sel) - lo
+            p_score.index_copy_(0, sel, s.reshape(-1).index_select(0, flat))
         a_top = _merge_top(a_top, s, k1)
         local = a_tg - lo
         inside = (local >= 0) & (local < hi - lo)
@@ -429,23 +433,24 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
         a_seen = torch.where(inside, own, a_seen)
         a_count.add_(compare(s, a_t[:, None]).sum(1))  # (s is overwritten)
         lo = hi
-        # leaving needs the pairs' upper bound (gathers of P rows of h and the catalogue,
-        # about one column block's cost): worth it with at least two more blocks to go
-        if limit is not None and n_items - lo >= 2 * cols and bool((a_count > limit).any()):
-            if upper is None:
-                upper = _pair_upper(h, user, p_row, p_item, weight, bias, user_weight, act, n_rows)
-                a_up = upper[alive]
-            out = (a_count > limit) & (a_top[:, -1] > a_up)
-            if bool(out.any()):
-                gone = alive[out]
-                count[gone], seen[gone], top[gone] = a_count[out], a_seen[out], a_top[out]
-                keep = ~out
-                alive, a_h, a_t, a_tg = alive[keep], a_h[keep], a_t[keep], a_tg[keep]
-                a_count, a_seen, a_top, a_up = a_count[keep], a_seen[keep], a_top[keep], a_up[keep]
-                a_u = a_u[keep] if a_u is not None else None
-                where[gone] = -1
-                where[alive] = torch.arange(alive.numel())
-                p_where = where.index_select(0, p_row)
+        if limit is None or lo >= n_items:
+            continue
+        if a_best is None and lo >= n_first:  # every pair's score is known: its row's best
+            best = torch.full((n_rows,), float("-inf"), dtype=h.dtype)
+            a_best = best.scatter_reduce(0, p_row, p_score, "amax").index_select(0, alive)
+        out = a_count > limit
+        out &= ~a_pair if a_best is None else ~a_pair | (a_top[:, -1] > a_best)
+        if bool(out.any()):
+            gone = alive[out]
+            count[gone], seen[gone], top[gone] = a_count[out], a_seen[out], a_top[out]
+            keep = ~out
+            alive, a_h, a_t, a_tg = alive[keep], a_h[keep], a_t[keep], a_tg[keep]
+            a_count, a_seen, a_top, a_pair = a_count[keep], a_seen[keep], a_top[keep], a_pair[keep]
+            a_best = a_best[keep] if a_best is not None else None
+            a_u = a_u[keep] if a_u is not None else None
+            where[gone] = -1
+            where[alive] = torch.arange(alive.numel())
+            p_where = where.index_select(0, p_row)
     count[alive], seen[alive] = a_count, a_seen
     if a_top is not None:
         top[alive] = a_top
@@ -464,18 +469,22 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
 
 def _merge_top(top: Tensor | None, s: Tensor, k: int, group: int = 16) -> Tensor:
     """Each row's k largest values (descending) of ``top`` [m, k] (None: none yet) and the
-    block ``s`` [m, c]. Only values >= a lower bound of the result's k-th can enter: the
-    k-th largest of the block's group maxima (k groups hold at least k values above it)
-    or ``top``'s k-th; those few are merged by one small ``topk``."""
+    block ``s`` [m, c]. Only values >= a lower bound of the result's k-th can enter:
+    ``top``'s k-th, or (while ``top`` holds fewer than k values) the k-th largest of the
+    block's group maxima (k groups hold at least k values above it); those few are merged
+    by one small ``topk``."""
     m, c = s.shape
     n_groups = c // group
-    if n_groups < 2 * k:  # a narrow block: all of it
+    if top is not None and bool(torch.isfinite(top[:, -1]).all()):
+        bound = top[:, -1:]  # k values so far: enough of a bound
+    elif n_groups < 2 * k:  # a narrow block: all of it
         both = s if top is None else torch.cat([top, s], dim=1)
         return top_values(both, k)
-    best = s[:, : n_groups * group].reshape(m, n_groups, group).amax(2)
-    bound = best.topk(k, dim=1).values[:, -1:]
-    if top is not None:
-        bound = torch.maximum(bound, top[:, -1:])
+    else:
+        best = s[:, : n_groups * group].reshape(m, n_groups, group).amax(2)
+        bound = best.topk(k, dim=1).values[:, -1:]
+        if top is not None:
+            bound = torch.maximum(bound, top[:, -1:])
     at = (s >= bound).view(-1).nonzero().view(-1)  # ascending: row-major
     rows, values = at // c, s.view(-1).index_select(0, at)
     n_new = torch.bincount(rows, minlength=m)
