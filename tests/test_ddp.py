@@ -45,8 +45,9 @@ def test_two_process_eval_equals_one_process_for_same_checkpoint(tmp_path):
     )
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["test/n_events"] == one["test/n_events"] > 0
+    assert two["test_repeat/n_events"] + two["test_explore/n_events"] == two["test/n_events"]
     for key, value in one.items():
-        if key.startswith(("test/", "test_by_")):
+        if key.startswith(("test/", "test_by_", "test_repeat/", "test_explore/")):
             assert two[key] == pytest.approx(value, abs=1e-9), key
     assert not torch.distributed.is_initialized()
 
