@@ -132,14 +132,15 @@ def _gather(gather: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
 
 def repeat_metrics(outputs: dict[str, Tensor], ks, count_ks, stage: str) -> dict[str, float]:
     """The repeat/explore split (docs/design.md §6): ``{stage}_repeat/...`` and
-    ``{stage}_explore/...`` (recall, MRR, NDCG at every K and ``n_events``) over the events
+    ``{stage}_explore/...`` (recall and MRR at every K, ``n_events``) over the events
     whose target the user had before, or not; ``{stage}/repeat_share@K``: the mean share of
     the top K that the user had before (``count_ks``: the K of ``repeat_count``'s columns)."""
     out: dict[str, float] = {}
     repeat = outputs["repeat"]
     for name, sel in (("repeat", repeat), ("explore", ~repeat)):
         prefix = f"{stage}_{name}/"
-        out.update(metrics_from_ranks(outputs["rank"][sel], ks, prefix=prefix))
+        split = metrics_from_ranks(outputs["rank"][sel], ks, prefix=prefix)
+        out.update({k: v for k, v in split.items() if "/ndcg@" not in k})  # (fewer to log)
         out[f"{prefix}n_events"] = float(sel.sum())
     count = outputs["repeat_count"].to(torch.float64)
     for k in ks:

@@ -387,7 +387,6 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
     limit = None if cap is None else cap - (ties != "conservative")
     count = torch.zeros(n_rows, dtype=torch.float64)
     seen = torch.full_like(t, float("nan"))
-    top = torch.full((n_rows, k1), float("-inf"), dtype=h.dtype)
     p_score = torch.full((p_item.numel(),), float("nan"), dtype=h.dtype)
     plain = torch.zeros(n_rows, dtype=torch.long)
     plain_count = torch.zeros(n_rows, len(ks), dtype=torch.long)
@@ -396,7 +395,10 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
     where = torch.arange(n_rows)  # row -> its index among the alive rows (-1: gone)
     p_where = p_row.clone()  # each pair's row among the alive rows
     a_h, a_t, a_tg, a_u, a_pair = h, t, t_pos, user, has_pair
-    a_count, a_seen, a_top, a_best = count.clone(), seen.clone(), None, None
+    a_count, a_seen, a_best = count.clone(), seen.clone(), None
+    a_bound = torch.full((n_rows,), float("-inf"), dtype=h.dtype)  # <= each row's k1-th
+    cand_rows, cand_slots, cand_values = [], [], []  # each score >= its row's bound then
+    n_cand = torch.zeros(n_rows, dtype=torch.long)  # candidates of each row so far
     buf = torch.empty(0, dtype=t.dtype)
     lo = 0
     while lo < n_items and alive.numel():
@@ -410,7 +412,6 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
             )
             done_plain[alive] = True
             alive, a_count, a_seen = alive[:0], a_count[:0], a_seen[:0]
-            a_top = top[:0]
             break
         cols = max(block_cols or BLOCK_BYTES // (4 * m), MIN_ROWS)
         end = n_first if lo < n_first else n_items  # a block ends where the pairs' items do
@@ -426,7 +427,16 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
             sel = ((p_pos >= lo) & (p_pos < hi) & (p_where >= 0)).nonzero().view(-1)
             flat = p_where.index_select(0, sel) * (hi - lo) + p_pos.index_select(0, sel) - lo
             p_score.index_copy_(0, sel, s.reshape(-1).index_select(0, flat))
-        a_top = _merge_top(a_top, s, k1)
+        a_bound, at = _candidates(s, a_bound, k1)
+        local_rows = at // (hi - lo)  # ascending
+        per_row = torch.bincount(local_rows, minlength=m)
+        first = torch.cumsum(per_row, 0) - per_row
+        rows = alive.index_select(0, local_rows)
+        cand_rows.append(rows)
+        cand_slots.append(n_cand.index_select(0, rows) + torch.arange(at.numel())
+                          - first.index_select(0, local_rows))  # fmt: skip
+        cand_values.append(s.reshape(-1).index_select(0, at))
+        n_cand.index_add_(0, alive, per_row)
         local = a_tg - lo
         inside = (local >= 0) & (local < hi - lo)
         own = s.gather(1, local.clamp(0, hi - lo - 1)[:, None])[:, 0]
@@ -439,21 +449,26 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
             best = torch.full((n_rows,), float("-inf"), dtype=h.dtype)
             a_best = best.scatter_reduce(0, p_row, p_score, "amax").index_select(0, alive)
         out = a_count > limit
-        out &= ~a_pair if a_best is None else ~a_pair | (a_top[:, -1] > a_best)
+        out &= ~a_pair if a_best is None else ~a_pair | (a_bound > a_best)
         if bool(out.any()):
             gone = alive[out]
-            count[gone], seen[gone], top[gone] = a_count[out], a_seen[out], a_top[out]
+            count[gone], seen[gone] = a_count[out], a_seen[out]
             keep = ~out
             alive, a_h, a_t, a_tg = alive[keep], a_h[keep], a_t[keep], a_tg[keep]
-            a_count, a_seen, a_top, a_pair = a_count[keep], a_seen[keep], a_top[keep], a_pair[keep]
+            a_count, a_seen, a_bound = a_count[keep], a_seen[keep], a_bound[keep]
+            a_pair = a_pair[keep]
             a_best = a_best[keep] if a_best is not None else None
             a_u = a_u[keep] if a_u is not None else None
             where[gone] = -1
             where[alive] = torch.arange(alive.numel())
             p_where = where.index_select(0, p_row)
     count[alive], seen[alive] = a_count, a_seen
-    if a_top is not None:
-        top[alive] = a_top
+    width = max(int(n_cand.max()), k1)
+    top = torch.full((n_rows, width), float("-inf"), dtype=h.dtype)
+    if cand_rows:
+        flat = torch.cat(cand_rows) * width + torch.cat(cand_slots)
+        top.view(-1).index_copy_(0, flat, torch.cat(cand_values))
+    top = top.topk(k1, dim=1).values
     finite = torch.isfinite(t)
     full = torch.zeros(n_rows, dtype=torch.bool)
     full[alive] = True  # counted over every column: their own target's included
@@ -467,32 +482,16 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
     return ranks.masked_fill_(~finite, n_items + 1), counts
 
 
-def _merge_top(top: Tensor | None, s: Tensor, k: int, group: int = 16) -> Tensor:
-    """Each row's k largest values (descending) of ``top`` [m, k] (None: none yet) and the
-    block ``s`` [m, c]. Only values >= a lower bound of the result's k-th can enter:
-    ``top``'s k-th, or (while ``top`` holds fewer than k values) the k-th largest of the
-    block's group maxima (k groups hold at least k values above it); those few are merged
-    by one small ``topk``."""
+def _candidates(s: Tensor, bound: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The scores of the block ``s`` [m, c] that may be among their row's k largest: each
+    row's bound [m] (a lower bound of its k-th largest score) raised to the smallest of the
+    maxima of k groups of the block's columns (k groups: at least k scores above it), and
+    the flat indices of the scores >= it (ascending: row-major)."""
     m, c = s.shape
-    n_groups = c // group
-    if top is not None and bool(torch.isfinite(top[:, -1]).all()):
-        bound = top[:, -1:]  # k values so far: enough of a bound
-    elif n_groups < 2 * k:  # a narrow block: all of it
-        both = s if top is None else torch.cat([top, s], dim=1)
-        return top_values(both, k)
-    else:
-        best = s[:, : n_groups * group].reshape(m, n_groups, group).amax(2)
-        bound = best.topk(k, dim=1).values[:, -1:]
-        if top is not None:
-            bound = torch.maximum(bound, top[:, -1:])
-    at = (s >= bound).view(-1).nonzero().view(-1)  # ascending: row-major
-    rows, values = at // c, s.view(-1).index_select(0, at)
-    n_new = torch.bincount(rows, minlength=m)
-    width = int(n_new.max()) if rows.numel() else 0
-    pad = torch.full((m, k + width), float("-inf"), dtype=s.dtype)
-    if top is not None:
-        pad[:, :k] = top
-    start = torch.cumsum(n_new, 0) - n_new
-    slot = torch.arange(rows.numel()) - start.index_select(0, rows)
-    pad.view(-1).index_copy_(0, rows * (k + width) + k + slot, values)
-    return pad.topk(k, dim=1).values
+    if c >= k:  # (a view of each row's first k * size scores, no copy)
+        size = c // k
+        groups = s.as_strided((m, k, size), (s.stride(0), size, 1))
+        bound = torch.maximum(bound, groups.amax(2).amin(1))
+    return bound, (s >= bound[:, None]).view(-1).nonzero().view(-1)
+
+
