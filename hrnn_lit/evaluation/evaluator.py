@@ -71,16 +71,18 @@ class RankCollector:
     ) -> None:
         """Ranks [N] already computed with this collector's ``ties`` (e.g. by
         ``ranking.catalogue_ranks``); a rank above ``n_items`` marks a non-finite score.
-        ``repeat`` [N] bool and ``repeat_count`` [N, len(ks)] (``ranking.repeat_counts``):
-        both or neither (the repeat/explore metrics need every part to have them)."""
+        ``repeat`` [N] bool (the repeat/explore metrics) and ``repeat_count`` [N, len(ks)]
+        (``ranking.repeat_counts``: the repeat shares); each counts where every part has it."""
         part = {
             "rank": cap_ranks(ranks, self.rank_cap, n_items),
             "position": position,
             "history": history,
             "n_items": torch.full_like(ranks, n_items),
         }
+        if repeat is not None:
+            part["repeat"] = repeat.bool()
         if repeat is not None and repeat_count is not None:
-            part["repeat"], part["repeat_count"] = repeat.bool(), repeat_count.long()
+            part["repeat_count"] = repeat_count.long()
         self._parts.append(part)
 
     def __len__(self) -> int:
@@ -98,6 +100,7 @@ class RankCollector:
         if all("repeat" in p for p in self._parts):
             out["repeat"] = torch.cat([p["repeat"] for p in self._parts]) if self._parts else (
                 torch.zeros(0, dtype=torch.bool))  # fmt: skip
+        if all("repeat_count" in p for p in self._parts):
             out["repeat_count"] = (
                 torch.cat([p["repeat_count"] for p in self._parts])
                 if self._parts
@@ -142,6 +145,8 @@ def repeat_metrics(outputs: dict[str, Tensor], ks, count_ks, stage: str) -> dict
         split = metrics_from_ranks(outputs["rank"][sel], ks, prefix=prefix)
         out.update({k: v for k, v in split.items() if "/ndcg@" not in k})  # (fewer to log)
         out[f"{prefix}n_events"] = float(sel.sum())
+    if "repeat_count" not in outputs:  # (a pass without the shares)
+        return out
     count = outputs["repeat_count"].to(torch.float64)
     for k in ks:
         if k in count_ks:

@@ -22,8 +22,8 @@ class EvaluationHooks:
     def eval_outputs(self) -> dict[str, dict[str, Tensor]]:
         return self.evaluation.outputs
 
-    def on_validation_epoch_start(self) -> None:
-        self.eval_loop.begin(self.net, self.evaluation.begin())
+    def on_validation_epoch_start(self) -> None:  # (the repeat shares: the test's only)
+        self.eval_loop.begin(self.net, self.evaluation.begin(), shares=False)
 
     def validation_step(self, batch: Chunk, batch_idx: int) -> None:
         self.eval_loop.chunk(batch)

@@ -32,6 +32,7 @@ from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.ranking import (
+    catalogue_ranks,
     catalogue_ranks_repeat,
     check_finite_catalogue,
     dense_repeat_counts,
@@ -97,8 +98,10 @@ class EvalLoop:
         self.collector: RankCollector | None = None
         self.state: api.State | None = None
 
-    def begin(self, net: torch.nn.Module, collector: RankCollector) -> None:
-        self.net, self.collector, self.state = net, collector, None
+    def begin(self, net: torch.nn.Module, collector: RankCollector, shares: bool = True) -> None:
+        """A new pass; ``shares``: also count the users' earlier items in each top K (the
+        repeat shares, which cost a pass over the catalogue for many rows: the test's)."""
+        self.net, self.collector, self.state, self.shares = net, collector, None, shares
         self._checked = False  # the catalogue's weights, once per pass
         self._sorted_base: Tensor | None = None  # sparse scores' sorted base, once per pass
         self._empty: api.State | None = None  # a fresh slot's state (fills grown tensors)
@@ -181,6 +184,8 @@ class EvalLoop:
         if self.fast and hasattr(net, "score_factors"):
             self._rank_factors(net.score_factors(state), *events, repeat, pair_rows, pair_items)
             return
+        if not self.shares:  # no pairs: no counts
+            pair_rows, pair_items = pair_rows[:0], pair_items[:0]
         sparse = self.fast and hasattr(net, "sparse_scores")
         n, rows = events[0].numel(), self.eval_block
         if not sparse:  # at most BLOCK_SCORES dense scores at a time
@@ -195,7 +200,8 @@ class EvalLoop:
             if sparse:
                 self._rank_sparse(net.sparse_scores(block), *part, pairs)
             else:  # [rows, n_items]; every score is checked finite
-                self.collector.add(at_least_float32(net.score(block)), *part, pairs)
+                seen = pairs if self.shares else None
+                self.collector.add(at_least_float32(net.score(block)), *part, seen)
 
     def _seen(self, batch: Chunk, t0: int, t1: int, n: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The scored events' repeat flags [n] and their users' earlier items as pairs
@@ -221,6 +227,13 @@ class EvalLoop:
             check_finite_catalogue(weight, f.bias, user_weight)
             self._checked = True
         act = ranking_activation(f.act)
+        if not self.shares:
+            ranks = catalogue_ranks(
+                query, targets, weight, f.bias, col.ties, user, user_weight, act,
+                max_rows=self.eval_block, rank_cap=col.rank_cap,
+            )  # fmt: skip
+            col.add_ranks(ranks, position, history, weight.shape[0], repeat)
+            return
         ranks, count = catalogue_ranks_repeat(
             query, targets, pair_rows, pair_items, weight, f.bias, col.ks, col.ties, user,
             user_weight, act, max_rows=self.eval_block, rank_cap=col.rank_cap,
@@ -242,8 +255,8 @@ class EvalLoop:
         ranks = sparse_ranks(
             self._sorted_base, s.base, s.rows, s.items, s.values, targets, col.ties
         )
-        col.add_ranks(ranks, position, history, s.base.numel(), repeat,
-                      self._sparse_repeat_counts(s, targets.numel(), *pairs))  # fmt: skip
+        count = self._sparse_repeat_counts(s, targets.numel(), *pairs) if self.shares else None
+        col.add_ranks(ranks, position, history, s.base.numel(), repeat, count)
 
     def _sparse_repeat_counts(self, s: api.SparseScores, n: int, pair_rows, pair_items) -> Tensor:
         """Repeat counts of sparse scores: the rows' scores written out in full, at most
