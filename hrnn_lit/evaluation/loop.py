@@ -31,7 +31,13 @@ from torch import Tensor
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
-from hrnn_lit.evaluation.ranking import catalogue_ranks, check_finite_catalogue, sparse_ranks
+from hrnn_lit.evaluation.metrics import target_ranks
+from hrnn_lit.evaluation.ranking import (
+    bound_misses,
+    catalogue_ranks,
+    check_finite_catalogue,
+    sparse_ranks,
+)
 from hrnn_lit.nets import api
 from hrnn_lit.ops.activations import at_least_float32, ranking_activation
 
@@ -181,6 +187,10 @@ class EvalLoop:
         if self.fast and hasattr(net, "score_factors"):
             self._rank_factors(net.score_factors(state), *events)
             return
+        bound = self.collector.ties == "conservative" and self.collector.rank_cap is not None
+        if self.fast and bound and hasattr(net, "score_bound"):
+            self._rank_bound(net.score_bound(state), state, *events)
+            return
         sparse = self.fast and hasattr(net, "sparse_scores")
         n, rows = events[0].numel(), self.eval_block
         if not sparse:  # at most BLOCK_SCORES dense scores at a time
@@ -206,6 +216,29 @@ class EvalLoop:
             ranking_activation(f.act), max_rows=self.eval_block, rank_cap=col.rank_cap,
         )  # fmt: skip
         col.add_ranks(ranks, position, history, weight.shape[0])
+
+    def _rank_bound(self, b: api.ScoreBound, state: api.State, targets, position, history):
+        """Ranks of targets that the bound shows to miss the top K (``bound_misses``: from
+        column blocks of the product), the others' from ``score`` in row blocks."""
+        col, f, cap = self.collector, b.factors, self.collector.rank_cap
+        user, user_weight = (f.queries[1], f.tables[1]) if len(f.tables) > 1 else (None, None)
+        if not self._checked:
+            check_finite_catalogue(f.tables[0], f.bias, user_weight)
+            self._checked = True
+        missed = bound_misses(
+            f.queries[0], targets, f.tables[0], f.bias, b.rows, b.items, cap, user,
+            user_weight, ranking_activation(f.act), max_rows=self.eval_block,
+        )  # fmt: skip
+        ranks = torch.full_like(targets, cap + 1)
+        rest = (~missed).nonzero().view(-1)
+        rows = max(1, min(self.eval_block, BLOCK_SCORES // self.n_items))
+        for lo in range(0, rest.numel(), rows):
+            idx = rest[lo : lo + rows]
+            scores = at_least_float32(self.net.score(api.select(state, idx)))
+            if not bool(torch.isfinite(scores.sum())) and not bool(torch.isfinite(scores).all()):
+                raise NumericalError("evaluation: some scores are not finite (NaN/inf)")
+            ranks[idx] = target_ranks(scores, targets[idx], col.ties)
+        col.add_ranks(ranks, position, history, self.n_items)
 
     def _rank_sparse(self, s: api.SparseScores, targets, position, history) -> None:
         """Ranks by binary search in the sorted base (sorted once per pass). Non-finite
