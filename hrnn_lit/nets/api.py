@@ -39,6 +39,11 @@ slots' targets in row blocks. A network may add, all optional:
   score below it; with the conservative tie rule, a target outside its slot's entries that
   more than the largest K items beat on the linear form misses every top K, and is ranked
   so from column blocks of the product; only the others are scored by ``score``;
+- ``score_distinct(state, items, inverse) -> scores``: training's candidates scored once
+  each: scores [B, M] of a step's distinct candidates ``items`` [M], given each of the N
+  candidate columns' index into them, ``inverse`` [N] (a repeated candidate scores the same
+  in each of its columns; a network normalising over the candidates weighs it by its
+  count); cross-entropy then stays on the M columns (``ops.sampled_loss``);
 - ``observe(state, targets) -> state``: told the slots' target items [B] after the step's
   scores were taken (evaluation only: how a model without training, like the baselines,
   learns a session's last item, which is never an input).
