@@ -91,18 +91,27 @@ class HistoryHRNN(nn.Module):
 
     def step(self, items: Tensor, state: State) -> State:
         h, c, listed, feats, n_listed = state
-        slots = torch.arange(items.numel(), device=items.device)
-        match = (listed == items[:, None]) & self._filled(n_listed)  # [B, memory]
-        known = match.any(1)
-        at = torch.where(known, match.to(torch.int8).argmax(1), n_listed % self.memory)
-        feats[slots[~known], :, at[~known]] = 0.0  # a new item (or the oldest one's place)
-        listed[slots, at] = items
-        n_listed += (~known).long()
-        feats[slots, 0, at] += 1.0
-        feats[slots, 1, at] += 1.0
-        feats[slots, 2, at] = 1.0
+        listed, feats = listed.contiguous(), feats.contiguous()  # (written through flat views)
+        B, memory = items.numel(), self.memory
+        match = (listed == items[:, None]) & self._filled(n_listed)  # [B, memory], <= 1 per row
+        known, first = match.to(torch.uint8).max(1)
+        new = known == 0  # a new item: it takes the next place (the oldest one's when full)
+        at = torch.where(new, n_listed % memory, first)
+        slots = torch.arange(B, device=items.device)
+        listed.view(-1)[slots * memory + at] = items
+        n_listed += new
+        # the item's (count, recency, in session): (0, 0, 0) first if new, then (+1, +1, = 1)
+        entry = (slots * (N_FEATURES * memory) + at)[:, None] + self._feature_offsets(items)
+        flat = feats.view(-1)
+        value = flat[entry].masked_fill_(new[:, None], 0.0).add_(1.0)
+        value[:, 2] = 1.0
+        flat[entry] = value
         h, c = self.rnn.step(items, (h, c))
         return h, c, listed, feats, n_listed
+
+    def _feature_offsets(self, like: Tensor) -> Tensor:
+        """[1, 3]: the features' offsets in a slot's flat [3, memory] block."""
+        return torch.arange(0, N_FEATURES * self.memory, self.memory, device=like.device)[None]
 
     def _filled(self, n_listed: Tensor) -> Tensor:
         return torch.arange(self.memory, device=n_listed.device) < n_listed[:, None]
