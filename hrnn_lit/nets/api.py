@@ -38,12 +38,14 @@ slots' targets in row blocks. A network may add, all optional:
   function of a linear form of the state, except on a few per-slot entries that never
   score below it; with the conservative tie rule, a target outside its slot's entries that
   more than the largest K items beat on the linear form misses every top K, and is ranked
-  so from column blocks of the product; only the others are scored by ``score``;
+  so from column blocks of the product; only the others are scored by ``score`` (the bound
+  must hold for the values ``score`` computes, rounding included);
 - ``score_distinct(state, items, inverse) -> scores``: training's candidates scored once
   each: scores [B, M] of a step's distinct candidates ``items`` [M], given each of the N
   candidate columns' index into them, ``inverse`` [N] (a repeated candidate scores the same
   in each of its columns; a network normalising over the candidates weighs it by its
-  count); cross-entropy then stays on the M columns (``ops.sampled_loss``);
+  count); cross-entropy then stays on the M columns (``ops.sampled_loss``); its ``score``
+  of candidates should come from it (the spread ``[:, inverse]``), so the rule is written once;
 - ``observe(state, targets) -> state``: told the slots' target items [B] after the step's
   scores were taken (evaluation only: how a model without training, like the baselines,
   learns a session's last item, which is never an input).

@@ -93,9 +93,10 @@ class HistoryHRNN(nn.Module):
         h, c, listed, feats, n_listed = state
         listed, feats = listed.contiguous(), feats.contiguous()  # (written through flat views)
         B, memory = items.numel(), self.memory
-        match = (listed == items[:, None]) & self._filled(n_listed)  # [B, memory], <= 1 per row
-        known, first = match.to(torch.uint8).max(1)
-        new = known == 0  # a new item: it takes the next place (the oldest one's when full)
+        # the item's first entry; the filled entries are each row's first n_listed ones (the
+        # others hold stale items), and they are distinct
+        found, first = (listed == items[:, None]).to(torch.uint8).max(1)
+        new = (found == 0) | (first >= n_listed)  # a new item: the next place (the oldest one's)
         at = torch.where(new, n_listed % memory, first)
         slots = torch.arange(B, device=items.device)
         listed.view(-1)[slots * memory + at] = items
