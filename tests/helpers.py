@@ -71,11 +71,12 @@ def reference_eval(net, chunks, ties="conservative", rank_cap=None) -> dict:
     return collector.finish("test", [5])[1]
 
 
-def loop_eval(net, chunks, n_items, ties="conservative", rank_cap=None, **kw) -> dict:
-    """The same pass through ``EvalLoop`` (``kw``: its eval_block, fast)."""
+def loop_eval(net, chunks, n_items, ties="conservative", rank_cap=None, shares=True, **kw):
+    """The same pass through ``EvalLoop`` (``kw``: its eval_block, fast; ``shares``: the
+    repeat shares, as on a test pass, or not, as on validation)."""
     collector = RankCollector(ties, rank_cap)
     loop = EvalLoop(n_items, **kw)
-    loop.begin(net, collector)
+    loop.begin(net, collector, shares)
     with torch.inference_mode():
         for batch in chunks:
             loop.chunk(batch)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass  # (not frozen: Lightning's batch transforms rebuild a batch's dataclasses)
 class SeenItems:
     """Each user's distinct items with the event index of their first occurrence, for the
     repeat/explore metrics (docs/design.md §6): an item was seen before event ``e`` of its

@@ -31,7 +31,9 @@ from torch import Tensor
 from hrnn_lit.data.batching import Chunk
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.evaluator import RankCollector
+from hrnn_lit.evaluation.metrics import target_ranks
 from hrnn_lit.evaluation.ranking import (
+    bound_misses,
     catalogue_ranks,
     catalogue_ranks_repeat,
     check_finite_catalogue,
@@ -184,6 +186,10 @@ class EvalLoop:
         if self.fast and hasattr(net, "score_factors"):
             self._rank_factors(net.score_factors(state), *events, repeat, pair_rows, pair_items)
             return
+        bound = self.collector.ties == "conservative" and self.collector.rank_cap is not None
+        if self.fast and bound and not self.shares and hasattr(net, "score_bound"):
+            self._rank_bound(net.score_bound(state), state, *events, repeat)
+            return
         if not self.shares:  # no pairs: no counts
             pair_rows, pair_items = pair_rows[:0], pair_items[:0]
         sparse = self.fast and hasattr(net, "sparse_scores")
@@ -239,6 +245,30 @@ class EvalLoop:
             user_weight, act, max_rows=self.eval_block, rank_cap=col.rank_cap,
         )  # fmt: skip
         col.add_ranks(ranks, position, history, weight.shape[0], repeat, count)
+
+    def _rank_bound(self, b: api.ScoreBound, state: api.State, targets, position, history,
+                    repeat) -> None:  # fmt: skip
+        """Ranks of targets that the bound shows to miss the top K (``bound_misses``: from
+        column blocks of the product), the others' from ``score`` in row blocks."""
+        col, f, cap = self.collector, b.factors, self.collector.rank_cap
+        user, user_weight = (f.queries[1], f.tables[1]) if len(f.tables) > 1 else (None, None)
+        if not self._checked:
+            check_finite_catalogue(f.tables[0], f.bias, user_weight)
+            self._checked = True
+        missed = bound_misses(
+            f.queries[0], targets, f.tables[0], f.bias, b.rows, b.items, cap, user,
+            user_weight, ranking_activation(f.act), max_rows=self.eval_block,
+        )  # fmt: skip
+        ranks = torch.full_like(targets, cap + 1)
+        rest = (~missed).nonzero().view(-1)
+        rows = max(1, min(self.eval_block, BLOCK_SCORES // self.n_items))
+        for lo in range(0, rest.numel(), rows):
+            idx = rest[lo : lo + rows]
+            scores = at_least_float32(self.net.score(api.select(state, idx)))
+            if not bool(torch.isfinite(scores.sum())) and not bool(torch.isfinite(scores).all()):
+                raise NumericalError("evaluation: some scores are not finite (NaN/inf)")
+            ranks[idx] = target_ranks(scores, targets[idx], col.ties)
+        col.add_ranks(ranks, position, history, self.n_items, repeat)
 
     def _rank_sparse(self, s: api.SparseScores, targets, position, history, repeat,
                      pairs) -> None:  # fmt: skip

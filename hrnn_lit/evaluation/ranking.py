@@ -495,3 +495,30 @@ def _candidates(s: Tensor, bound: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return bound, (s >= bound[:, None]).view(-1).nonzero().view(-1)
 
 
+def bound_misses(
+    h: Tensor,
+    targets: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    rows: Tensor,
+    items: Tensor,
+    rank_cap: int,
+    user: Tensor | None = None,
+    user_weight: Tensor | None = None,
+    act: str = "linear",
+    max_rows: int = 1024,
+) -> Tensor:
+    """[N] bool: the targets known to rank above ``rank_cap`` (conservative ties) from a
+    lower bound of the scores (``api.ScoreBound``): more than ``rank_cap`` items score at
+    least the target on the linear form ``act(h @ weight.T + bias.T (+ user @
+    user_weight.T))`` (``catalogue_ranks``, so rows leave the product early), and the
+    target is not among its row's entries (rows [E], items [E]), where the scores may
+    exceed the bound. The other targets need their scores."""
+    n_items = weight.shape[0]
+    ranks = catalogue_ranks(
+        h, targets, weight, bias, "conservative", user, user_weight, act, max_rows=max_rows,
+        rank_cap=rank_cap,
+    )  # fmt: skip
+    listed = torch.zeros_like(targets, dtype=torch.bool)
+    listed[rows[items == targets[rows]]] = True
+    return (ranks > rank_cap) & (ranks <= n_items) & ~listed

@@ -29,7 +29,7 @@ from hrnn_lit.ops.activations import at_least_float32
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.ops.optim import ADAGRAD_EPS, SparseRowOptimizer, clip_grad_norm_
-from hrnn_lit.ops.sampled_loss import ranking_loss, sampled_loss
+from hrnn_lit.ops.sampled_loss import distinct_ranking_loss, ranking_loss, sampled_loss
 
 
 class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
@@ -87,6 +87,9 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
         # network's score and the loss op; the plain reference (the loss in torch ops) with
         # engine=autograd. ``engine`` (recorded in results.json): fused | autograd
         self.fused = engine == "auto" and callable(getattr(self.net, "score_factors", None))
+        # networks with ``score_distinct``: scores of the step's distinct candidates only
+        distinct = callable(getattr(self.net, "score_distinct", None))
+        self.distinct = engine == "auto" and not self.fused and distinct
         self.engine = "fused" if self.fused else "autograd"
         loss_kwargs = {"bpreg": bpreg} if loss == "bpr-max" else {}
         if engine == "autograd":
@@ -145,8 +148,9 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
         T, B = inp.shape
         cand = self.sampler.draw(batch.target)  # [T, B + S]
         logq = self.sampler.logq_bias(cand, B, self.dtype)
-        if self.fused:  # the fused op picks its own dtypes (mm_dtype)
+        if self.fused or self.distinct:
             steps = chunk_candidates(cand, valid, self.item_counts.numel())
+        if self.fused:  # the fused op picks its own dtypes (mm_dtype)
             dtypes = torch.autocast(inp.device.type, enabled=False)
             mm_dtype = precision.product_dtype(self.trainer)
         else:  # the network's own dtypes (autocast where asked)
@@ -169,6 +173,10 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
                         net.score_factors(state), steps[t], valid[t], hp.loss, hp.bpreg, bias,
                         mm_dtype,
                     )  # fmt: skip
+                elif self.distinct:
+                    c = steps[t]
+                    scores = at_least_float32(net.score_distinct(state, c.uniq, c.inverse))
+                    loss = distinct_ranking_loss(scores, c, valid[t], hp.loss, hp.bpreg, bias)
                 else:
                     scores = at_least_float32(net.score(state, cand[t]))  # [B, B + S]
                     if bias is not None:  # training scores only: the logQ correction

@@ -38,6 +38,18 @@ slots' targets in row blocks. A network may add, all optional:
   stops at the largest K of the metrics (training fuses them with the loss);
 - ``sparse_scores(state) -> SparseScores``: one base score per item for every slot, a few
   per-slot entries over it; ranks then come from a binary search in the sorted base;
+- ``score_bound(state) -> ScoreBound``: its scores are, per slot, a non-decreasing
+  function of a linear form of the state, except on a few per-slot entries that never
+  score below it; with the conservative tie rule, a target outside its slot's entries that
+  more than the largest K items beat on the linear form misses every top K, and is ranked
+  so from column blocks of the product; only the others are scored by ``score`` (the bound
+  must hold for the values ``score`` computes, rounding included);
+- ``score_distinct(state, items, inverse) -> scores``: training's candidates scored once
+  each: scores [B, M] of a step's distinct candidates ``items`` [M], given each of the N
+  candidate columns' index into them, ``inverse`` [N] (a repeated candidate scores the same
+  in each of its columns; a network normalising over the candidates weighs it by its
+  count); cross-entropy then stays on the M columns (``ops.sampled_loss``); its ``score``
+  of candidates should come from it (the spread ``[:, inverse]``), so the rule is written once;
 - ``observe(state, targets) -> state``: told the slots' target items [B] after the step's
   scores were taken (evaluation only: how a model without training, like the baselines,
   learns a session's last item, which is never an input).
@@ -136,6 +148,21 @@ class SparseScores:
         scores = self.base.repeat(n_rows, 1)
         scores[self.rows, self.items] = self.values
         return scores
+
+
+@dataclass(frozen=True)
+class ScoreBound:
+    """What a network's catalogue scores are bounded below by (optional
+    ``score_bound(state)`` method): for each slot b there is a non-decreasing g_b with
+    score(b, n) = g_b(f(b, n)) for every item n except the entries (``rows``, ``items``),
+    where score(b, n) >= g_b(f(b, n)); f the scores ``factors`` define, as ``score`` computes
+    them (e.g. a softmax's log-probabilities of a linear form, items of the slot's own
+    history raised by a mixture). So an item that scores at least the target on f scores at
+    least the target, unless the target is one of its slot's entries."""
+
+    factors: ScoreFactors
+    rows: Tensor  # [E] int64, in 0..B-1
+    items: Tensor  # [E] int64
 
 
 def linear_scores(f: ScoreFactors, items: Tensor | None = None) -> Tensor:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hrnn_lit.nets.api import Starts, State
+from hrnn_lit.nets.api import ScoreBound, Starts, State
 from hrnn_lit.nets.recurrent import RecurrentCore
 
 N_FEATURES = 3
@@ -91,18 +91,28 @@ class HistoryHRNN(nn.Module):
 
     def step(self, items: Tensor, state: State) -> State:
         h, c, listed, feats, n_listed = state
-        slots = torch.arange(items.numel(), device=items.device)
-        match = (listed == items[:, None]) & self._filled(n_listed)  # [B, memory]
-        known = match.any(1)
-        at = torch.where(known, match.to(torch.int8).argmax(1), n_listed % self.memory)
-        feats[slots[~known], :, at[~known]] = 0.0  # a new item (or the oldest one's place)
-        listed[slots, at] = items
-        n_listed += (~known).long()
-        feats[slots, 0, at] += 1.0
-        feats[slots, 1, at] += 1.0
-        feats[slots, 2, at] = 1.0
+        listed, feats = listed.contiguous(), feats.contiguous()  # (written through flat views)
+        B, memory = items.numel(), self.memory
+        # the item's first entry; the filled entries are each row's first n_listed ones (the
+        # others hold stale items), and they are distinct
+        found, first = (listed == items[:, None]).to(torch.uint8).max(1)
+        new = (found == 0) | (first >= n_listed)  # a new item: the next place (the oldest one's)
+        at = torch.where(new, n_listed % memory, first)
+        slots = torch.arange(B, device=items.device)
+        listed.view(-1)[slots * memory + at] = items
+        n_listed += new
+        # the item's (count, recency, in session): (0, 0, 0) first if new, then (+1, +1, = 1)
+        entry = (slots * (N_FEATURES * memory) + at)[:, None] + self._feature_offsets(items)
+        flat = feats.view(-1)
+        value = flat[entry].masked_fill_(new[:, None], 0.0).add_(1.0)
+        value[:, 2] = 1.0
+        flat[entry] = value
         h, c = self.rnn.step(items, (h, c))
         return h, c, listed, feats, n_listed
+
+    def _feature_offsets(self, like: Tensor) -> Tensor:
+        """[1, 3]: the features' offsets in a slot's flat [3, memory] block."""
+        return torch.arange(0, N_FEATURES * self.memory, self.memory, device=like.device)[None]
 
     def _filled(self, n_listed: Tensor) -> Tensor:
         return torch.arange(self.memory, device=n_listed.device) < n_listed[:, None]
@@ -111,11 +121,40 @@ class HistoryHRNN(nn.Module):
         """log p(n) of the mixture for candidates [N] (training) or the catalogue. Only the
         listed items' columns mix both parts; every other column is log(1 - P(repeat)) +
         log p_explore, so the mixing costs O(B * memory), not O(B * N)."""
+        if items is not None:  # (training: the module calls score_distinct)
+            distinct, inverse = torch.unique(items, return_inverse=True)
+            return self.score_distinct(state, distinct, inverse).index_select(1, inverse)
         h, c, listed, feats, n_listed = state
-        s = self.rnn.score((h, c), items)  # [B, N]
-        log_explore = s - torch.logsumexp(s, dim=1, keepdim=True)
+        s = self.rnn.score((h, c))  # [B, n_items]
+        lse = torch.logsumexp(s, dim=1, keepdim=True)
+        inplace = not s.requires_grad  # (evaluation: no [B, n_items] temporaries)
+        out = s.sub_(lse) if inplace else s - lse  # log p_explore
         if not self.repeat:  # ablation: the explore part alone
-            return log_explore
+            return out
+        log_repeat, log_explore_w, filled = self._repeat_part(state)
+        out = out.add_(log_explore_w) if inplace else out + log_explore_w
+        # the listed items' columns: log (P(repeat) p_repeat + (1 - P(repeat)) p_explore),
+        # mixed over [B, memory] (each row's values whatever the rows beside it)
+        mixed = torch.logaddexp(log_repeat, out.gather(1, listed))
+        r, k = filled.nonzero(as_tuple=True)  # each row's listed items are distinct
+        at, mixed = (r, listed[r, k]), mixed[r, k]
+        return out.index_put_(at, mixed) if inplace else out.index_put(at, mixed)
+
+    def score_bound(self, state: State) -> ScoreBound:
+        """The catalogue scores' lower bound (``api.ScoreBound``): an item's score is
+        log p_explore + log(1 - P(repeat)), a non-decreasing function of the HRNN's linear
+        score, except on the row's listed items, whose score mixes in the repeat part
+        (logaddexp: never below that value)."""
+        h, c, listed, _, n_listed = state
+        r, k = self._filled(n_listed).nonzero(as_tuple=True)
+        if not self.repeat:
+            r = k = r[:0]
+        return ScoreBound(self.rnn.score_factors((h, c)), r, listed[r, k])
+
+    def _repeat_part(self, state: State) -> tuple[Tensor, Tensor, Tensor]:
+        """(log P(repeat) + log p_repeat [B, memory], log(1 - P(repeat)) [B, 1] (0 for a
+        slot without history: explore only), the filled list entries [B, memory])."""
+        h, c, listed, feats, n_listed = state
         hc = torch.cat([h, c], dim=1)
         g = self.gate(hc)[:, None, :]  # [B, 1, 3]
         r_list = torch.bmm(g, _features(feats)).squeeze(1)  # [B, memory]
@@ -125,23 +164,53 @@ class HistoryHRNN(nn.Module):
         a = self.mode(hc)  # [B, 1]: repeat or explore
         seen = n_listed[:, None] > 0  # no history yet: explore only
         log_explore_w = torch.where(seen, F.logsigmoid(-a), 0.0)  # [B, 1]
-        # the columns: distinct items (a candidate may repeat), each listed item's column
-        if items is None:
-            col, first, inverse, width = listed, None, None, self.n_items
-        else:
-            distinct, inverse = torch.unique(items, return_inverse=True)
-            width = distinct.numel()
-            first = inverse.new_empty(width).scatter_(0, inverse, torch.arange(inverse.numel()))
-            where = torch.full((self.n_items,), width, dtype=torch.long, device=items.device)
-            where[distinct] = torch.arange(width, device=items.device)
-            col = where[listed]  # [B, memory]: the listed item's column, or width if none
-        col = torch.where(filled, col, width)  # unfilled entries go to a spare column
-        explore = log_explore if first is None else log_explore.index_select(1, first)
-        out = explore + log_explore_w  # [B, width]: log (1 - P(repeat)) p_explore
-        on_list = out.gather(1, col.clamp(max=width - 1))  # [B, memory]
-        mixed = torch.logaddexp(F.logsigmoid(a) + log_p_list, on_list)  # [B, memory]
-        out = torch.cat([out, out[:, :1]], dim=1).scatter(1, col, mixed)[:, :width]
-        return out if inverse is None else out.index_select(1, inverse)
+        return F.logsigmoid(a) + log_p_list, log_explore_w, filled
+
+    def score_distinct(self, state: State, items: Tensor, inverse: Tensor) -> Tensor:
+        """Scores [B, M] of the distinct candidates ``items`` [M], given each of the N
+        candidate columns' index into them, ``inverse`` [N] (``api``): a candidate that
+        occurs k times weighs k in the explore part's softmax over the candidates."""
+        h, c, listed, feats, n_listed = state
+        counts = torch.bincount(inverse, minlength=items.numel())
+        s = self.rnn.score((h, c), items)  # [B, M]
+        if not self.repeat:  # ablation: the explore part alone
+            return _log_softmax_counts(s, counts, None)
+        log_repeat, log_explore_w, filled = self._repeat_part(state)
+        out = _log_softmax_counts(s, counts, log_explore_w)  # log (1 - P(repeat)) p_explore
+        where = torch.full((self.n_items,), -1, dtype=torch.long, device=items.device)
+        where[items] = torch.arange(items.numel(), device=items.device)
+        col = where[listed]  # [B, memory]: the listed item's column, -1 if not a candidate
+        r, k = (filled & (col >= 0)).nonzero(as_tuple=True)
+        cols = col[r, k]
+        mixed = torch.logaddexp(log_repeat[r, k], out[r, cols])
+        return out.index_put_((r, cols), mixed)
+
+
+class _LogSoftmaxCounts(torch.autograd.Function):
+    """s - log(sum_m counts_m exp(s_m)) (+ shift) of scores s [B, M]: the log-softmax of M
+    columns where column m stands for counts_m equal ones, in one pass less than autograd's
+    and one pass back."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, counts: Tensor, shift: Tensor | None) -> Tensor:
+        m = s.amax(1, keepdim=True)
+        e = (s - m).exp_().mul_(counts.to(s.dtype))  # counts_m exp(s_m - max)
+        z = e.sum(1, keepdim=True)
+        lse = z.log().add_(m)
+        ctx.save_for_backward(e, z)
+        ctx.shift = shift is not None
+        return s - (lse if shift is None else lse - shift)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        e, z = ctx.saved_tensors
+        g_sum = g.sum(1, keepdim=True)
+        # d/ds_m = g_m - p_m sum(g), p_m = counts_m exp(s_m - lse) = e_m / z
+        return torch.addcmul(g, e, g_sum / z, value=-1), None, (g_sum if ctx.shift else None)
+
+
+def _log_softmax_counts(s: Tensor, counts: Tensor, shift: Tensor | None) -> Tensor:
+    return _LogSoftmaxCounts.apply(s, counts, shift)
 
 
 def _features(counts: Tensor) -> Tensor:

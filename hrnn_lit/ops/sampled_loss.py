@@ -57,10 +57,7 @@ class _SampledLoss(torch.autograd.Function):
             loss, ds, row_scale = loss_grad(y, valid)
         else:  # the slots' targets' columns, the columns' multiplicities
             if logq_bias is not None:  # occurrences weighted by exp(-bias)
-                occurs = torch.ones_like(logq_bias)
-                occurs[:B] = valid
-                weights = torch.exp(-logq_bias).mul_(occurs)
-                counts = weights.new_zeros(counts.numel()).index_add_(0, inverse, weights)
+                counts = _weighted_counts(inverse, valid, logq_bias, counts.numel())
             loss, ds, row_scale = distinct_loss(y, valid, inverse[:B], counts)
             if logq_bias is not None:  # the target's logit is its score minus its bias
                 loss = loss + (logq_bias[:B] * valid).sum() / valid.sum().clamp(min=1)
@@ -102,6 +99,15 @@ class _SampledLoss(torch.autograd.Function):
         return None, None, None, None, None, None, None, d_bias, *grads
 
 
+def _weighted_counts(inverse: Tensor, valid: Tensor, logq_bias: Tensor, size: int) -> Tensor:
+    """Each distinct candidate's occurrences among the valid columns, each weighted by
+    exp(-logq_bias) of its column: [size], logq_bias's dtype."""
+    occurs = torch.ones_like(logq_bias)
+    occurs[: valid.numel()] = valid
+    weights = torch.exp(-logq_bias).mul_(occurs)
+    return weights.new_zeros(size).index_add_(0, inverse, weights)
+
+
 def sampled_loss(
     factors: ScoreFactors,
     cand: Candidates,
@@ -141,3 +147,43 @@ def ranking_loss(scores: Tensor, valid: Tensor, loss: str, bpreg: float = 1.0) -
         return _RankingLoss.apply(scores, valid, _loss_fns(loss, float(bpreg))[0])
     kwargs = {"bpreg": bpreg} if loss == "bpr-max" else {}
     return LOSSES[loss](scores, valid, **kwargs)
+
+
+class _DistinctRankingLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, valid, target, counts, loss_grad) -> Tensor:
+        loss, ds, row_scale = loss_grad(scores.clone(), valid, target, counts)
+        ctx.save_for_backward(ds, torch.ones(()) if row_scale is None else row_scale)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return *_RankingLoss.backward(ctx, g), None, None
+
+
+def distinct_ranking_loss(
+    scores: Tensor,
+    cand: Candidates,
+    valid: Tensor,
+    loss: str,
+    bpreg: float = 1.0,
+    logq_bias: Tensor | None = None,
+) -> Tensor:
+    """The loss (mean over valid slots [B]) of the [B, N] scores ``scores[:, cand.inverse]``
+    (minus ``logq_bias`` [N]), given only the scores [B, M] of the step's distinct
+    candidates ``cand.uniq`` (a network's ``score_distinct``). Cross-entropy stays on the M
+    columns (a column's multiplicity as a log-count logit bias, as the fused op does); the
+    other losses take the [B, N] matrix (``ranking_loss``)."""
+    distinct = _loss_fns(loss, float(bpreg))[1]
+    if distinct is None:
+        full = scores.index_select(1, cand.inverse)
+        if logq_bias is not None:
+            full = full - logq_bias.to(full.dtype)
+        return ranking_loss(full, valid, loss, bpreg)
+    B, counts = valid.numel(), cand.counts
+    if logq_bias is not None:
+        counts = _weighted_counts(cand.inverse, valid, logq_bias.to(scores.dtype), counts.numel())
+    out = _DistinctRankingLoss.apply(scores, valid, cand.inverse[:B], counts, distinct)
+    if logq_bias is not None:  # the target's logit is its score minus its bias
+        out = out + (logq_bias[:B] * valid).sum() / valid.sum().clamp(min=1)
+    return out
