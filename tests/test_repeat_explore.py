@@ -19,7 +19,8 @@ from hrnn_lit.data.batching import PlanDataset, build_plan, build_steps, select_
 from hrnn_lit.evaluation.evaluator import RankCollector, repeat_metrics
 from hrnn_lit.evaluation.loop import EvalLoop
 from hrnn_lit.evaluation.metrics import TIES, metrics_from_ranks
-from hrnn_lit.evaluation.ranking import catalogue_ranks, catalogue_ranks_repeat, linear_scores
+from hrnn_lit.evaluation.ranking import catalogue_ranks, linear_scores
+from hrnn_lit.evaluation.repeat_share import catalogue_ranks_repeat
 from hrnn_lit.nets.history import HistoryHRNN
 from hrnn_lit.nets.recurrent import RecurrentCore
 from hrnn_lit.run import run

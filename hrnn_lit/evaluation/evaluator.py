@@ -10,7 +10,8 @@ from torch import Tensor
 
 from hrnn_lit.errors import NumericalError
 from hrnn_lit.evaluation.metrics import metrics_from_ranks, target_ranks
-from hrnn_lit.evaluation.ranking import cap_ranks, dense_repeat_counts
+from hrnn_lit.evaluation.ranking import cap_ranks
+from hrnn_lit.evaluation.repeat_share import dense_repeat_counts
 
 FIELDS = ("rank", "position", "history")
 # per event, when the evaluation knows them (EvalLoop always does): whether the target is a
@@ -72,7 +73,7 @@ class RankCollector:
         """Ranks [N] already computed with this collector's ``ties`` (e.g. by
         ``ranking.catalogue_ranks``); a rank above ``n_items`` marks a non-finite score.
         ``repeat`` [N] bool (the repeat/explore metrics) and ``repeat_count`` [N, len(ks)]
-        (``ranking.repeat_counts``: the repeat shares); each counts where every part has it."""
+        (``repeat_share.repeat_counts``: the repeat shares); each counts where every part has it."""
         part = {
             "rank": cap_ranks(ranks, self.rank_cap, n_items),
             "position": position,

@@ -35,11 +35,10 @@ from hrnn_lit.evaluation.metrics import target_ranks
 from hrnn_lit.evaluation.ranking import (
     bound_misses,
     catalogue_ranks,
-    catalogue_ranks_repeat,
     check_finite_catalogue,
-    dense_repeat_counts,
     sparse_ranks,
 )
+from hrnn_lit.evaluation.repeat_share import catalogue_ranks_repeat, dense_repeat_counts
 from hrnn_lit.nets import api
 from hrnn_lit.ops.activations import at_least_float32, ranking_activation
 

@@ -29,7 +29,7 @@ from hrnn_lit.ops.activations import at_least_float32
 from hrnn_lit.ops.candidates import CandidateSampler, chunk_candidates
 from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.ops.optim import ADAGRAD_EPS, SparseRowOptimizer, clip_grad_norm_
-from hrnn_lit.ops.sampled_loss import distinct_ranking_loss, ranking_loss, sampled_loss
+from hrnn_lit.ops.sampled_loss import distinct_ranking_loss, loss_function, sampled_loss
 
 
 class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
@@ -73,14 +73,12 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
         instance = isinstance(net, nn.Module)  # (its arguments are not this module's)
         self.save_hyperparameters(ignore=["item_counts", *(["net"] if instance else [])])
         if n_users is None or not isinstance(net, dict) or not takes(net["_target_"], "n_users"):
-            self.hparams.pop("n_users", None)  # (only a network that takes it needs it kept)
+            self.hparams.pop("n_users", None)  # (kept for a network that takes it)
         self.automatic_optimization = False
-        if adagrad_eps not in ADAGRAD_EPS:
-            raise ConfigError(
-                f"model.adagrad_eps must be one of {ADAGRAD_EPS}, got {adagrad_eps!r}"
-            )
-        if loss not in LOSSES:
-            raise ConfigError(f"model.loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        for key, value, allowed in (("loss", loss, LOSSES), ("adagrad_eps", adagrad_eps,
+                                                             ADAGRAD_EPS)):  # fmt: skip
+            if value not in allowed:
+                raise ConfigError(f"model.{key} must be one of {sorted(allowed)}, got {value!r}")
         self.net = make_net(net, network, n_items, n_users)
         engine = resolve_engine(engine, cuda_graph)
         # the fused op for networks whose scores are a linear form of their state; else the
@@ -91,11 +89,7 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
         distinct = callable(getattr(self.net, "score_distinct", None))
         self.distinct = engine == "auto" and not self.fused and distinct
         self.engine = "fused" if self.fused else "autograd"
-        loss_kwargs = {"bpreg": bpreg} if loss == "bpr-max" else {}
-        if engine == "autograd":
-            self.loss_fn = functools.partial(LOSSES[loss], **loss_kwargs)
-        else:  # hand-written gradients where the loss has them
-            self.loss_fn = functools.partial(ranking_loss, loss=loss, bpreg=bpreg)
+        self.loss_fn = loss_function(loss, bpreg, reference=engine == "autograd")
         counts = np.ones(n_items, np.int64) if item_counts is None else np.asarray(item_counts)
         self.register_buffer("item_counts", torch.as_tensor(counts, dtype=torch.int64))
         self.sampler = CandidateSampler(self.item_counts, n_sample, sample_alpha, logq)
@@ -104,17 +98,12 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
         self.evaluation = Evaluation(ks, ties)
         self.eval_loop = EvalLoop(n_items, eval_block)
 
-    # ------------------------------------------------------------- training
     def configure_optimizers(self):
         hp = self.hparams
         return SparseRowOptimizer(
-            self.parameters(),
-            kind=hp.optimizer,
-            lr=hp.lr,
-            momentum=hp.momentum,
-            weight_decay=hp.weight_decay,
-            eps_in_sqrt=hp.get("adagrad_eps", "outside") == "inside",
-        )
+            self.parameters(), kind=hp.optimizer, lr=hp.lr, momentum=hp.momentum,
+            weight_decay=hp.weight_decay, eps_in_sqrt=hp.get("adagrad_eps") == "inside",
+        )  # fmt: skip
 
     @property
     def _world_size(self) -> int:
@@ -197,8 +186,7 @@ class RecurrentRecommender(EvaluationHooks, pl.LightningModule):
         n_valid = valid.sum(1).to(losses.dtype)  # [T] events per time step
         loss = (losses * n_valid).sum() / n_valid.sum().clamp(min=1)  # per event, not step
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch.n_events)
-        # the progress bar: the epoch's running loss (not the last chunk's, e.g. a tail of
-        # steps with one user left, where in-batch-only losses are 0)
+        # the progress bar: the epoch's running loss (a tail chunk's can be 0)
         self.log("loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False,
                  batch_size=batch.n_events)  # fmt: skip
 

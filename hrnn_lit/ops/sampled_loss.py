@@ -187,3 +187,13 @@ def distinct_ranking_loss(
     if logq_bias is not None:  # the target's logit is its score minus its bias
         out = out + (logq_bias[:B] * valid).sum() / valid.sum().clamp(min=1)
     return out
+
+
+def loss_function(loss: str, bpreg: float = 1.0, reference: bool = False):
+    """``loss(scores, valid)`` of a score matrix: ``ranking_loss`` (hand-written gradients
+    where the loss has them), or with ``reference`` the loss in plain torch ops."""
+    from hrnn_lit.ops.losses import LOSSES
+
+    if reference:
+        return functools.partial(LOSSES[loss], **({"bpreg": bpreg} if loss == "bpr-max" else {}))
+    return functools.partial(ranking_loss, loss=loss, bpreg=bpreg)
