@@ -30,6 +30,7 @@ def test_every_case_is_recorded():
 def test_default_engine_reproduces_the_recorded_metrics(name, tmp_path):
     want = RECORDED[name]["metrics"]
     got = run_case(name, tmp_path)["metrics"]
-    assert sorted(got) == sorted(want)
+    # every recorded metric (the repeat/explore split came later: more keys now)
+    assert set(want) <= set(got) and any("repeat" in k for k in got)
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
