@@ -172,11 +172,15 @@ def test_unknown_items_are_skipped_and_unknown_users_start_fresh(trained):
     assert not torch.equal(rec.scores([known], "new_session"), new)
 
 
-def test_top_k_orders_ties_by_item_index():
+@pytest.mark.parametrize("distinct", [False, True])  # ties (the exact path) or none
+def test_top_k_orders_ties_by_item_index(distinct):
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (50, 40), generator=g).double()
-    scores[3, :] = 1.0  # all tied
-    scores[4, 10:] = float("-inf")  # fewer than k items left
+    if distinct:
+        scores = torch.rand(50, 40, generator=g, dtype=torch.float64)
+    if not distinct:
+        scores[3, :] = 1.0  # all tied
+        scores[4, 10:] = float("-inf")  # fewer than k items left
     items, values = top_k(scores, 15)
     for r in range(scores.shape[0]):
         ref = sorted(range(40), key=lambda j: (-float(scores[r, j]), j))

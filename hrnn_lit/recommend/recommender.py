@@ -153,9 +153,9 @@ class Recommender:
         done = Observed(n_events=n, n_users=int(np.unique(rows).size), n_new_users=n_new)
         if n == 0:
             return done
-        first = np.r_[True, rows[1:] != rows[:-1]]
-        last = np.r_[rows[1:] != rows[:-1], True]
-        prev = np.where(first, tab.last_ts[rows], np.r_[0, ts[:-1]])
+        first = _edges(rows)
+        last = _edges(rows, last=True)
+        prev = np.where(first, tab.last_ts[rows], _shifted(ts, 0))
         if np.any(first & (tab.last_ts[rows] != NO_TIME) & (ts < prev)):
             bad = int(np.flatnonzero(first & (ts < prev))[0])
             raise ValueError(
@@ -198,13 +198,13 @@ class Recommender:
         in_stored = in_stored[head]
         k = np.flatnonzero(keep)
         rk = rows[k]
-        k_first = np.r_[True, head[k][1:] != head[k][:-1]] if k.size else np.zeros(0, bool)
+        k_first = _edges(head[k])
         starts = k_first & ~in_stored[k]
-        u_first = np.r_[True, rk[1:] != rk[:-1]][: k.size]
+        u_first = _edges(rk)
         user_start = starts & u_first & (tab.n_events[rk] == 0)
         # each kept event's context as a step input (api.Context): time, gap, position
         t = ts[k]
-        before = np.where(u_first, tab.last_kept[rk], np.r_[NO_TIME, t[:-1]])
+        before = np.where(u_first, tab.last_kept[rk], _shifted(t, NO_TIME))
         gap = np.where(before == NO_TIME, 0, t - before)
         seg = np.flatnonzero(k_first)
         rank = np.arange(k.size) - seg[np.searchsorted(seg, np.arange(k.size), "right") - 1]
@@ -212,17 +212,17 @@ class Recommender:
         context = np.stack([t, gap, base + rank + 1], 1)
         self._replay(rk, item[k], starts, user_start, context)
         if k.size:
-            u_last = np.r_[rk[1:] != rk[:-1], True]
+            u_last = _edges(rk, last=True)
             tab.last_kept[rk[u_last]] = t[u_last]
         # the table's bookkeeping (one iteration per user): times, the items observed and
         # where the current session begins
         tab.last_ts[rows[last]] = ts[last]
-        bounds = np.r_[np.flatnonzero(first), n]
+        bounds = np.append(np.flatnonzero(first), n)
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             r, kept = rows[lo], keep[lo:hi]
             base = tab.history[r].size
             if kept.any():
-                tab.history[r] = np.r_[tab.history[r], item[lo:hi][kept]]
+                tab.history[r] = np.concatenate([tab.history[r], item[lo:hi][kept]])
                 tab.n_events[r] += int(kept.sum())
             opened = np.flatnonzero(new[lo:hi])
             if opened.size:  # the current session began in these events
@@ -236,8 +236,8 @@ class Recommender:
         tab, net = self.users, self.net
         if rows.size == 0:
             return
-        first = np.r_[True, rows[1:] != rows[:-1]]
-        last = np.r_[rows[1:] != rows[:-1], True]
+        first = _edges(rows)
+        last = _edges(rows, last=True)
         n_users = int(first.sum())
         B = min(self.batch_size, n_users)
         plan = build_plan(rows, B)
@@ -392,6 +392,24 @@ class Recommender:
         if line not in self._said:
             self._said.add(line)
             print(line, file=sys.stderr)
+
+
+def _edges(x: np.ndarray, last: bool = False) -> np.ndarray:
+    """Where a run of equal values begins (or, ``last``, ends) in ``x``."""
+    out = np.ones(x.size, bool)
+    if last:
+        np.not_equal(x[1:], x[:-1], out=out[:-1])
+    else:
+        np.not_equal(x[1:], x[:-1], out=out[1:])
+    return out
+
+
+def _shifted(x: np.ndarray, fill) -> np.ndarray:
+    """``x`` one place later, ``fill`` first."""
+    out = np.empty_like(x)
+    out[:1] = fill
+    out[1:] = x[:-1]
+    return out
 
 
 def _seconds(ts) -> int:

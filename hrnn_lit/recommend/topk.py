@@ -26,7 +26,11 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     kk = min(k, n_items)
     if n == 0 or kk == 0:
         return scores.new_full((n, k), -1, dtype=torch.long), scores.new_zeros((n, k))
-    kth = torch.topk(scores, kk, dim=1).values[:, -1:]  # [N, 1] the k-th best score
+    top = torch.topk(scores, min(kk + 1, n_items), dim=1)  # sorted, best first
+    if (top.values[:, 1:] != top.values[:, :-1]).all() and bool(torch.isfinite(top.values).all()):
+        # no two of the k + 1 best are equal: the order is the only one (the common case)
+        return _padded(top.indices[:, :kk], top.values[:, :kk], k)
+    kth = top.values[:, kk - 1 : kk]  # [N, 1] the k-th best score
     # every item at or above the k-th best score, in (row, item) order; sorted by score
     # (stable: equal scores keep item order), then by row (stable: keeps the score order)
     row, col = (scores >= kth).nonzero(as_tuple=True)
@@ -44,3 +48,12 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     bad = ~torch.isfinite(values) | (values == float("-inf"))
     items[bad] = -1
     return items, values
+
+
+def _padded(items: Tensor, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """[N, kk] results widened to k columns with -1 / -inf."""
+    if items.shape[1] == k:
+        return items, values
+    pad = k - items.shape[1]
+    return (torch.nn.functional.pad(items, (0, pad), value=-1),
+            torch.nn.functional.pad(values, (0, pad), value=float("-inf")))  # fmt: skip
