@@ -176,15 +176,20 @@ def make_datamodule(data: str, batch: int, quick: bool):
 def first_users(steps, n_scored: int):
     """The Steps of the first test users holding >= n_scored scored events (whole users,
     history included), so that evaluation stays within its time budget."""
-    import numpy as np
+    import dataclasses
 
-    from hrnn_lit.data.batching import STEP_FIELDS, Steps
+    import numpy as np
 
     cum = np.cumsum(steps.score)
     if cum[-1] <= n_scored:
         return steps
     keep = steps.user <= steps.user[int(np.searchsorted(cum, n_scored))]
-    return Steps(**{f: getattr(steps, f)[keep] for f in STEP_FIELDS}, seen=steps.seen)
+    # per-step arrays cut to the kept users; anything else (each user's seen items, in trees
+    # that have them: keyed by event, valid for any whole users) kept as it is
+    fields = {f.name: getattr(steps, f.name) for f in dataclasses.fields(steps)}
+    cut = {k: v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v
+           for k, v in fields.items()}  # fmt: skip
+    return type(steps)(**cut)
 
 
 def catalogue(dm, size: int | None):

@@ -97,6 +97,8 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"eval.ks must hold positive integers, got {k!r}")
     _choice(cfg, "eval.ties", TIES)
+    if not isinstance(cfg.eval.get("repeat_share", True), bool):
+        raise ConfigError(f"eval.repeat_share must be true or false, got {cfg.eval.repeat_share!r}")
     _int(cfg, "trainer.max_epochs", 1)
     precision = OmegaConf.select(cfg, "trainer.precision", default="32-true")
     if str(precision) not in PRECISIONS:

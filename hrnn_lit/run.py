@@ -193,6 +193,8 @@ def _train_rank(cfg: DictConfig, world: launch.World) -> dict:
         ks=list(cfg.eval.ks),
         ties=cfg.eval.ties,
     )
+    # the test's repeat shares cost a pass over the catalogue for many rows (design §6)
+    model.evaluation.repeat_share = bool(cfg.eval.get("repeat_share", True))
     if world.is_main and getattr(model, "engine", None):  # which engine trains it
         write_json(out / "run_info.json", {**run_info(cfg), "engine": model.engine})
     resumed = None

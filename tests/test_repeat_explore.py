@@ -389,3 +389,14 @@ def test_progress_bar_keeps_the_overall_headline():
     metrics = {"val/recall@20": 0.3, "val/mrr@20": 0.1, "val_repeat/recall@20": 0.5,
                "val_explore/mrr@20": 0.05, "val/recall@5": 0.2}  # fmt: skip
     assert ev.headline(metrics) == {"val/recall@20": 0.3, "val/mrr@20": 0.1}
+
+
+def test_repeat_share_can_be_left_out_of_the_test_pass(tmp_path):
+    """eval.repeat_share=false: the same ranks and repeat/explore split, no shares."""
+    base = ["model=session_rnn", "logger=none", "callbacks=none", "trainer.max_epochs=1"]
+    on = run(compose_cfg(base, tmp_path / "on"))
+    off = run(compose_cfg([*base, "eval.repeat_share=false"], tmp_path / "off"))
+    assert "test/repeat_share@5" in on and not any("repeat_share" in k for k in off)
+    for key in ("test/recall@20", "test/mrr@5", "test_repeat/recall@5", "test_explore/mrr@20",
+                "test_repeat/n_events"):  # fmt: skip
+        assert off[key] == on[key], key

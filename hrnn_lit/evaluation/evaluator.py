@@ -191,9 +191,10 @@ class Evaluation:
     collecting the ranks of its chunks (``begin`` makes a fresh ``collector``), then metrics
     (``finish``), kept per stage in ``metrics`` and ``outputs`` for results.json."""
 
-    def __init__(self, ks, ties: str = "conservative"):
+    def __init__(self, ks, ties: str = "conservative", repeat_share: bool = True):
         self.ks = list(ks)
         self.ties = ties
+        self.repeat_share = repeat_share  # the test pass's repeat shares (eval.repeat_share)
         self.collector = RankCollector(ties, rank_cap=max(self.ks), ks=self.ks)
         self.metrics: dict[str, dict[str, float]] = {}
         self.outputs: dict[str, dict[str, Tensor]] = {}

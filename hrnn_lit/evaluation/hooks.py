@@ -33,7 +33,8 @@ class EvaluationHooks:
             self.evaluation.log(self, "val", distributed.eval_gather())
 
     def on_test_epoch_start(self) -> None:
-        self.eval_loop.begin(self.net, self.evaluation.begin())
+        ev = self.evaluation
+        self.eval_loop.begin(self.net, ev.begin(), shares=ev.repeat_share)
 
     def test_step(self, batch: Chunk, batch_idx: int) -> None:
         self.eval_loop.chunk(batch)
