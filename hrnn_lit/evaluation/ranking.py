@@ -61,6 +61,19 @@ def _act(s: Tensor, act: str, inplace: bool) -> Tensor:
     raise ValueError(f"act must be one of {ACTS}, got {act!r}")
 
 
+def block_scores(buf, h, weight, bias, u, user_weight, act, lo, hi) -> tuple[Tensor, Tensor]:
+    """The scores [m, hi - lo] of items lo..hi-1 for the rows ``h`` (and ``u``), written into
+    ``buf`` (grown when too small: returned with them), activated in place."""
+    m = h.shape[0]
+    if buf.numel() < m * (hi - lo):
+        buf = torch.empty(m * (hi - lo), dtype=buf.dtype)
+    s = buf[: m * (hi - lo)].view(m, hi - lo)  # contiguous
+    torch.addmm(bias[lo:hi].T, h, weight[lo:hi].T, out=s)
+    if user_weight is not None:
+        s.add_(u @ user_weight[lo:hi].T)
+    return _act(s, act, inplace=True), buf
+
+
 def _splits(n: int, size: int) -> list[int]:
     """Bounds of ceil(n / size) nearly equal parts of range(n)."""
     k = max(1, -(-n // size))
@@ -185,13 +198,7 @@ def _blocked_ranks(h, targets, weight, bias, ties, user, user_weight, act, block
             break
         cols = max(block_cols or BLOCK_BYTES // (4 * m), MIN_ROWS)
         hi = lo + _splits(n_items - lo, cols)[1]
-        if buf.numel() < m * (hi - lo):
-            buf = torch.empty(m * (hi - lo), dtype=t.dtype)
-        s = buf[: m * (hi - lo)].view(m, hi - lo)  # contiguous
-        torch.addmm(bias[lo:hi].T, a_h, weight[lo:hi].T, out=s)
-        if user_weight is not None:
-            s.add_(a_u @ user_weight[lo:hi].T)
-        _act(s, act, inplace=True)
+        s, buf = block_scores(buf, a_h, weight, bias, a_u, user_weight, act, lo, hi)
         local = a_tg - lo
         inside = (local >= 0) & (local < hi - lo)
         own = s.gather(1, local.clamp(0, hi - lo - 1)[:, None])[:, 0]
@@ -207,8 +214,14 @@ def _blocked_ranks(h, targets, weight, bias, ties, user, user_weight, act, block
                 a_count, a_seen = a_count[keep], a_seen[keep]
                 a_u = a_u[keep] if a_u is not None else None
     count[alive], seen[alive] = a_count, a_seen
+    return final_ranks(t, count, seen, alive, done_plain, plain, ties, n_items)
+
+
+def final_ranks(t, count, seen, alive, done_plain, plain, ties, n_items) -> Tensor | None:
+    """The ranks of a blocked pass from its counts (None where a target score the blocks
+    gave differs from ``t``: the caller takes the plain path)."""
     finite = torch.isfinite(t)
-    full = torch.zeros(n_rows, dtype=torch.bool)
+    full = torch.zeros(t.shape[0], dtype=torch.bool)
     full[alive] = True  # counted over every column: their own target's included
     checked = (full | ~seen.isnan()) & ~done_plain & finite
     if bool((checked & (seen != t)).any()):

@@ -17,10 +17,11 @@ from hrnn_lit.evaluation.ranking import (
     ACTS,
     BLOCK_BYTES,
     MIN_ROWS,
-    _act,
     _splits,
     _target_scores,
+    block_scores,
     cap_ranks,
+    final_ranks,
     linear_scores,
 )
 
@@ -182,13 +183,7 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
         cols = max(block_cols or BLOCK_BYTES // (4 * m), MIN_ROWS)
         end = n_first if lo < n_first else n_items  # a block ends where the pairs' items do
         hi = lo + _splits(end - lo, cols)[1]
-        if buf.numel() < m * (hi - lo):
-            buf = torch.empty(m * (hi - lo), dtype=t.dtype)
-        s = buf[: m * (hi - lo)].view(m, hi - lo)  # contiguous
-        torch.addmm(o_bias[lo:hi].T, a_h, o_weight[lo:hi].T, out=s)
-        if user_weight is not None:
-            s.add_(a_u @ o_user_weight[lo:hi].T)
-        _act(s, act, inplace=True)
+        s, buf = block_scores(buf, a_h, o_weight, o_bias, a_u, o_user_weight, act, lo, hi)
         if lo < n_first:
             sel = ((p_pos >= lo) & (p_pos < hi) & (p_where >= 0)).nonzero().view(-1)
             flat = p_where.index_select(0, sel) * (hi - lo) + p_pos.index_select(0, sel) - lo
@@ -235,17 +230,11 @@ def _blocked_ranks_repeat(h, targets, p_row, p_item, weight, bias, ties, user, u
         flat = torch.cat(cand_rows) * width + torch.cat(cand_slots)
         top.view(-1).index_copy_(0, flat, torch.cat(cand_values))
     top = top.topk(k1, dim=1).values
-    finite = torch.isfinite(t)
-    full = torch.zeros(n_rows, dtype=torch.bool)
-    full[alive] = True  # counted over every column: their own target's included
-    checked = (full | ~seen.isnan()) & ~done_plain & finite
-    if bool((checked & (seen != t)).any()):
+    ranks = final_ranks(t, count, seen, alive, done_plain, plain, ties, n_items)
+    if ranks is None:
         return None
-    ranks = count.long() if ties == "conservative" else count.long() + 1
-    ranks = torch.where(done_plain, plain, ranks)
     counts = repeat_counts(top, p_row, p_score, ks, ties)
-    counts = torch.where(done_plain[:, None], plain_count, counts)
-    return ranks.masked_fill_(~finite, n_items + 1), counts
+    return ranks, torch.where(done_plain[:, None], plain_count, counts)
 
 
 def _candidates(s: Tensor, bound: Tensor, k: int) -> tuple[Tensor, Tensor]:
