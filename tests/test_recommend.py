@@ -335,3 +335,22 @@ def test_results_file_is_untouched_by_recommending(trained, tmp_path):
     before = json.dumps(results, sort_keys=True)
     Recommender.from_checkpoint(ckpt).recommend_many([1, 2], k=3)
     assert json.dumps(results, sort_keys=True) == before
+
+
+def test_cli_takes_other_column_names(trained, tmp_path):
+    """The checkpoint's column settings by default; ``data.source.*`` overrides them."""
+    ckpt = trained["hrnn_init"][0]
+    rec = Recommender.from_checkpoint(ckpt)
+    events = pl.read_csv(events_file(tmp_path / "events.csv", rec))
+    renamed = tmp_path / "renamed.csv"
+    events.rename({"user_id": "uid", "timestamp": "when"}).write_csv(renamed)
+    out = tmp_path / "recs.csv"
+    p = cli(["mode=recommend", f"ckpt_path={ckpt}", f"recommend.input={renamed}",
+             "+data.source.user_col=uid", "+data.source.time_col=when", "recommend.k=3",
+             f"recommend.output={out}", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = pl.read_csv(out)
+    assert got.height == 3 * events.get_column("user_id").n_unique()
+    p = cli(["mode=recommend", f"ckpt_path={ckpt}", f"recommend.input={renamed}",
+             f"recommend.output={tmp_path / 'no.csv'}", f"hydra.run.dir={tmp_path / 'r2'}"])
+    assert p.returncode == 2 and "user_id" in p.stderr and not (tmp_path / "no.csv").exists()
