@@ -133,12 +133,7 @@ class HistoryHRNN(nn.Module):
             return out
         log_repeat, log_explore_w, filled = self._repeat_part(state)
         out = out.add_(log_explore_w) if inplace else out + log_explore_w
-        # the listed items' columns: log (P(repeat) p_repeat + (1 - P(repeat)) p_explore),
-        # mixed over [B, memory] (each row's values whatever the rows beside it)
-        mixed = torch.logaddexp(log_repeat, out.gather(1, listed))
-        r, k = filled.nonzero(as_tuple=True)  # each row's listed items are distinct
-        at, mixed = (r, listed[r, k]), mixed[r, k]
-        return out.index_put_(at, mixed) if inplace else out.index_put(at, mixed)
+        return _mix(out, log_repeat, filled, listed)
 
     def score_bound(self, state: State) -> ScoreBound:
         """The catalogue scores' lower bound (``api.ScoreBound``): an item's score is
@@ -179,11 +174,17 @@ class HistoryHRNN(nn.Module):
         out = _log_softmax_counts(s, counts, log_explore_w)  # log (1 - P(repeat)) p_explore
         where = torch.full((self.n_items,), -1, dtype=torch.long, device=items.device)
         where[items] = torch.arange(items.numel(), device=items.device)
-        col = where[listed]  # [B, memory]: the listed item's column, -1 if not a candidate
-        r, k = (filled & (col >= 0)).nonzero(as_tuple=True)
-        cols = col[r, k]
-        mixed = torch.logaddexp(log_repeat[r, k], out[r, cols])
-        return out.index_put_((r, cols), mixed)
+        return _mix(out, log_repeat, filled, where[listed])
+
+
+def _mix(out: Tensor, log_repeat: Tensor, filled: Tensor, col: Tensor) -> Tensor:
+    """The mixture's rule on the listed items' columns ``col`` [B, memory] (-1: no column)
+    of ``out`` = log (1 - P(repeat)) p_explore: log (P(repeat) p_repeat + (1 - P(repeat))
+    p_explore), in place, over [B, memory] only (a row's listed items are distinct)."""
+    r, k = (filled & (col >= 0)).nonzero(as_tuple=True)
+    cols = col[r, k]
+    mixed = torch.logaddexp(log_repeat[r, k], out[r, cols])
+    return out.index_put_((r, cols), mixed)
 
 
 class _LogSoftmaxCounts(torch.autograd.Function):
