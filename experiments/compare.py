@@ -323,6 +323,16 @@ def breakdown_table(groups, keys, kind: str, k: int, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+def _split_cell(group: list[dict], metric: str, digits: int) -> str:
+    """A repeat or explore metric's cell: n/a when the group's test has no target of that
+    part (the evaluation reports 0 there), e.g. on data without repeats."""
+    count = metric.split("/")[0] + "/n_events"
+    counts = [float(r["results"][count]) for r in group if count in r["results"]]
+    if counts and not any(counts):
+        return "n/a"
+    return _metric_cell(group, metric, digits)
+
+
 def repeat_table(groups, keys, k: int, digits: int = 4) -> str | None:
     """Recall@k on repeat and explore targets (docs/design.md §6), the share of repeat
     targets among the test events and repeat_share@k, mean ± std over each group's runs;
@@ -342,7 +352,7 @@ def repeat_table(groups, keys, k: int, digits: int = 4) -> str | None:
         cells = []
         for _, metric in columns:
             if metric is not None:
-                cells.append(_metric_cell(group, metric, digits))
+                cells.append(_split_cell(group, metric, digits))
                 continue
             shares = [
                 float(r["results"]["test_repeat/n_events"]) / float(r["results"]["test/n_events"])
