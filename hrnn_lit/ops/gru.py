@@ -49,11 +49,7 @@ def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, w_hn: Tensor | None = None) -> T
     if h.device.type == "cpu" and native.gru_supported(gi, gh, h):
         if torch.is_grad_enabled() and (gi.requires_grad or gh.requires_grad or h.requires_grad):
             return _NativeGRUCell.apply(gi, gh, h)
-        return native.gru_forward(gi, gh, h)[0]
-    K = h.shape[1]
-    rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])  # [R, 2K]
-    n = torch.tanh(torch.addcmul(gi[:, 2 * K :], rz[:, :K], gh[:, 2 * K :]))  # [R, K]
-    return torch.lerp(n, h, rz[:, K:])  # (1 - z) * n + z * h
+    return _gates(gi, gh, h)[0]  # (torch's ops: autograd where it records)
 
 
 def zero_rows(x: Tensor, rows: Tensor) -> Tensor:
@@ -65,15 +61,18 @@ def zero_rows(x: Tensor, rows: Tensor) -> Tensor:
 
 
 def _gates(gi: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(new state, the gates [r, z] [R, 2K], the candidate n [R, K]) of the cell."""
-    if h.device.type == "cpu":
+    """(new state, the gates [r, z] [R, 2K], the candidate n [R, K]) of the cell: the C
+    kernel on CPU float32 where nothing records a gradient, else torch's ops."""
+    if h.device.type == "cpu" and not (
+        torch.is_grad_enabled() and (gi.requires_grad or gh.requires_grad or h.requires_grad)
+    ):
         out = native.gru_forward(gi, gh, h)
         if out is not None:
             return out
     K = h.shape[1]
-    rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])
-    n = torch.tanh(torch.addcmul(gi[:, 2 * K :], rz[:, :K], gh[:, 2 * K :]))
-    return torch.lerp(n, h, rz[:, K:]), rz, n
+    rz = torch.sigmoid(gi[:, : 2 * K] + gh[:, : 2 * K])  # [R, 2K]
+    n = torch.tanh(torch.addcmul(gi[:, 2 * K :], rz[:, :K], gh[:, 2 * K :]))  # [R, K]
+    return torch.lerp(n, h, rz[:, K:]), rz, n  # (1 - z) * n + z * h
 
 
 def _gates_backward(dh: Tensor, h: Tensor, rz: Tensor, n: Tensor, gh: Tensor):

@@ -29,10 +29,19 @@ def _rows(grad: Tensor) -> tuple[Tensor | None, Tensor]:
         return None, grad
     if not grad.is_coalesced():  # autograd drops the flag of a coalesced gradient it stores
         idx = grad._indices()[0]
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        if idx.numel() > 1 and not _increasing(idx):
             grad = grad.coalesce()
         return grad._indices()[0], grad._values()
     return grad.indices()[0], grad.values()
+
+
+def _increasing(idx: Tensor) -> bool:
+    """Whether the row indices [M] are strictly increasing (sorted and distinct): on CPU by
+    numpy on the same memory (one pass, no torch op dispatch)."""
+    if idx.device.type == "cpu":
+        a = idx.numpy()
+        return bool((a[1:] > a[:-1]).all())
+    return bool((idx[1:] > idx[:-1]).all())
 
 
 def clip_grad_norm_(params: list[Tensor], max_norm: float) -> Tensor:
