@@ -137,3 +137,34 @@ def test_the_gate_learns_no_repeats_where_users_never_repeat(user_features):
     model.sampler = CandidateSampler(model.item_counts, 16, 0.5, 0.0)
     trainer.test(model, datamodule=dm, verbose=False)
     assert torch.equal(model.eval_outputs["test"]["rank"], ranks)
+
+
+def test_fold_outside_keeps_the_mixture_whole_in_the_candidates_softmax():
+    """In training with ``fold_outside``, the candidates' columns (weighed by their counts)
+    hold the mixture's whole mass, 1, also when listed items are not candidates; each row's
+    target column scores as without it (the candidates' cross-entropy is then the
+    mixture's negative log-likelihood); evaluation's scores are unchanged."""
+    torch.manual_seed(0)
+    net = HistoryHRNN(30, hidden_size=6, user_hidden_size=5, fold_outside=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    plain = copy.deepcopy(net)
+    plain.fold_outside = False
+    state = net.initial_state(4, torch.device("cpu"))
+    state = net.step(torch.tensor([1, 2, 3, 4]), net.start(state, _starts([True] * 4, [True] * 4)))
+    state = net.step(torch.tensor([2, 5, 6, 7]), state)
+    cand = torch.tensor([0, 9, 2, 4, 9, 11, 0, 13])  # targets 0, 9, 2, 4: 5, 6, 7 not here
+    uniq, inverse = torch.unique(cand, return_inverse=True)
+    counts = torch.bincount(inverse).double()
+    with torch.no_grad():
+        got = net.score_distinct(state, uniq, inverse).double()
+        want = plain.score_distinct(state, uniq, inverse).double()
+        total = (got.exp() * counts).sum(1)
+        torch.testing.assert_close(total, torch.ones(4, dtype=torch.float64))
+        assert ((want.exp() * counts).sum(1) < 1 - 1e-3).all()  # mass lost without it
+        rows = torch.arange(4)
+        assert torch.equal(got[rows, inverse[:4]], want[rows, inverse[:4]])
+        net.eval(), plain.eval()
+        assert torch.equal(net.score_distinct(state, uniq, inverse),
+                           plain.score_distinct(state, uniq, inverse))  # fmt: skip

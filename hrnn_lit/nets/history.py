@@ -70,6 +70,7 @@ class HistoryHRNN(nn.Module):
         user_features: bool = False,
         item_bias: bool = False,
         mode_bias: float | None = None,
+        fold_outside: bool = False,
     ):
         super().__init__()
         if not 0.0 <= decay <= 1.0:
@@ -80,6 +81,7 @@ class HistoryHRNN(nn.Module):
             raise ValueError(f"memory must be >= 1, got {memory}")
         self.n_items, self.decay, self.memory, self.repeat = n_items, decay, memory, repeat
         self.event_decay, self.user_features = event_decay, user_features
+        self.fold_outside = fold_outside
         self.rnn = RecurrentCore(
             n_items, hidden_size=hidden_size, user_hidden_size=user_hidden_size,
             user_propagation=user_propagation, dropout_session=dropout_session,
@@ -241,7 +243,11 @@ class HistoryHRNN(nn.Module):
         out = _log_softmax_counts(s, counts, log_explore_w)  # log (1 - P(repeat)) p_explore
         where = torch.full((self.n_items,), -1, dtype=torch.long, device=items.device)
         where[items] = torch.arange(items.numel(), device=items.device)
-        return _mix(out, log_repeat, filled, where[listed])
+        col = where[listed]
+        out = _mix(out, log_repeat, filled, col)
+        if self.fold_outside and self.training and items.numel() > 1:
+            out = _fold_outside(out, log_repeat, filled & (col < 0), inverse, counts)
+        return out
 
 
 def _mix(out: Tensor, log_repeat: Tensor, filled: Tensor, col: Tensor) -> Tensor:
@@ -252,6 +258,21 @@ def _mix(out: Tensor, log_repeat: Tensor, filled: Tensor, col: Tensor) -> Tensor
     cols = col[r, k]
     mixed = torch.logaddexp(log_repeat[r, k], out[r, cols])
     return out.index_put_((r, cols), mixed)
+
+
+def _fold_outside(
+    out: Tensor, log_repeat: Tensor, outside: Tensor, inverse: Tensor, counts: Tensor
+) -> Tensor:
+    """Training: the repeat mass on a row's listed items that are not candidates
+    (``outside`` [B, memory]) added to one column other than the row's target (column 0,
+    or 1 where the target is 0; divided by its count), so that the candidates' softmax
+    keeps the mixture's whole mass: otherwise it renormalises that mass away, and P(repeat)
+    gets no gradient from the listed items the step did not sample."""
+    B = out.shape[0]
+    mass = torch.logsumexp(log_repeat.masked_fill(~outside, -1e30), dim=1)  # [B] (finite)
+    other = (inverse[:B] == 0).long()[:, None]  # [B, 1]
+    mass = mass[:, None] - counts[other].to(out.dtype).log()
+    return out.scatter(1, other, torch.logaddexp(out.gather(1, other), mass))
 
 
 class _LogSoftmaxCounts(torch.autograd.Function):
