@@ -39,6 +39,7 @@ VARIANTS = {  # key: (row name, overrides of model=hrnn_history)
     "recipe": ("- GRU4Rec recipe in explore", RECIPE_OFF),
     "event_decay": ("- event recency", ["model.net.event_decay=0.0"]),
     "item_bias": ("- item repeat bias", ["model.net.item_bias=false"]),
+    "mode_bias": ("mode_bias null (init 0)", ["model.net.mode_bias=null"]),
     "user_gru": ("- user GRU", ["model.net.user_propagation=none"]),
     "decay": ("decay=1 (no session recency)", ["model.net.decay=1.0"]),
 }
