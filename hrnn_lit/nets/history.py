@@ -25,7 +25,10 @@ Where history carries no signal P(repeat) can go to zero and the model is the HR
 ``repeat=False`` (an ablation) drops the repeat part. The explore part takes the GRU4Rec
 recipe's options of ``RecurrentCore`` (``embedding``, ``constrained_embedding``,
 ``dropout_embed``, ``dropout_hidden``, ``final_act``); logQ is the module's ``model.logq``,
-on the training scores only.
+on the training scores only. ``fold_outside`` (training only) keeps the repeat mass of
+listed items that are not candidates in the candidates' softmax (``_fold_outside``). None of
+the options changes what ``score_bound`` relies on: an input embedding changes h only,
+``final_act`` is non-decreasing, and the repeat features reach the listed items only.
 
 State: (h [B, H], c [B, U], listed [B, memory] items, their entries [B, 4, memory] (count,
 recency, in session, the user's event number at the item's last event), n_listed [B],
