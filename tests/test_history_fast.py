@@ -20,6 +20,12 @@ from tests.helpers import loop_eval, reference_eval
 from tests.test_eval_speed_paths import eval_chunks, threads
 
 N_ITEMS = 300
+# the second version's options (the explore part's recipe, the repeat part's features)
+OPTIONS = [
+    {},
+    {"constrained_embedding": True, "final_act": "tanh", "event_decay": 0.7},
+    {"embedding": 5, "user_features": True, "item_bias": True, "mode_bias": 1.0},
+]
 
 
 def _starts(session, user) -> Starts:
@@ -52,12 +58,14 @@ def _state(net: HistoryHRNN, dtype=torch.float32):
     return state
 
 
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("repeat", [True, False])
-def test_distinct_scores_spread_to_the_candidate_scores(repeat):
+def test_distinct_scores_spread_to_the_candidate_scores(repeat, options):
     """score_distinct on the distinct candidates, spread by ``inverse``, equals the plain
     float64 mixture over the N columns (a column repeated k times weighs k in the explore
-    softmax), with listed and unlisted, valid and repeated candidates; so does ``score``."""
-    net = _net(repeat=repeat, memory=3)
+    softmax), with listed and unlisted, valid and repeated candidates; so does ``score``;
+    with each option set."""
+    net = _net(repeat=repeat, memory=3, **options)
     ref = copy.deepcopy(net).double()
     cand = torch.tensor([2, 9, 3, 4, 1, 2, 11, 9, 9, 6])
     uniq, inverse = torch.unique(cand, return_inverse=True)
@@ -65,7 +73,7 @@ def test_distinct_scores_spread_to_the_candidate_scores(repeat):
         got = net.score_distinct(_state(net), uniq, inverse).index_select(1, inverse)
         via_score = net.score(_state(net), cand)
         st = _state(ref, torch.float64)
-        h, c, listed, feats, n_listed = st
+        h, c, listed, feats, n_listed, _ = st
         s = ref.rnn.score((h, c), cand)
         explore = torch.log_softmax(s, 1)  # over the N columns, repeats included
         want = explore.clone()
@@ -151,17 +159,23 @@ def _loop_vs_reference(net, rank_cap, B, n_threads, ties, shares=False):
     return sum(scored), n_ref, ref
 
 
-@pytest.mark.parametrize("repeat", [True, False])
-def test_the_bound_path_equals_the_plain_reference_replay(repeat):
+@pytest.mark.parametrize(
+    "repeat, options", [(True, OPTIONS[0]), (False, OPTIONS[0]), *((True, o) for o in OPTIONS[1:])]
+)
+def test_the_bound_path_equals_the_plain_reference_replay(repeat, options):
     """With a rank cap and conservative ties, and without the repeat shares (validation),
     the loop ranks most targets from the bound (fewer rows scored densely) and its ranks
     equal the plain reference's; slots a multiple of 64 and not, 1 and 2 threads;
-    optimistic ties take the dense path."""
+    optimistic ties take the dense path; with each option set (a tied or separate input
+    embedding leaves the scores' linear form as it is; tanh is monotone)."""
     torch.manual_seed(0)
-    net = HistoryHRNN(N_ITEMS, hidden_size=16, user_hidden_size=12, repeat=repeat).eval()
+    net = HistoryHRNN(N_ITEMS, hidden_size=16, user_hidden_size=12, repeat=repeat,
+                      **options).eval()  # fmt: skip
     with torch.no_grad():
         net.mode.bias.fill_(2.0)  # many repeats ranked high
         net.rnn.out_w.weight.mul_(20.0)  # a spread of explore scores
+        if options.get("item_bias"):
+            net.item_repeat.weight.normal_()
     for B in (128, 50):
         for n_threads in (1, 2):
             dense_rows, all_rows, ref = _loop_vs_reference(net, 5, B, n_threads, "conservative")

@@ -29,9 +29,10 @@ def _starts(session, user) -> Starts:
 
 def _counts(net: HistoryHRNN, state) -> torch.Tensor:
     """The listed items' features as dense [B, 3, n_items] counts."""
-    listed, feats, n_listed = state[2:]
+    listed, feats, n_listed = state[2:5]
     filled = torch.arange(net.memory) < n_listed[:, None]
     dense = torch.zeros(listed.shape[0], 3, net.n_items)
+    feats = feats[:, :3]
     for b in range(listed.shape[0]):
         dense[b][:, listed[b][filled[b]]] = feats[b][:, filled[b]]
     return dense
