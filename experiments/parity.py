@@ -106,8 +106,8 @@ OPTIONS = {
     "bpr-max,elu_param=0.5": {**BPRMAX, "elu_param": 0.5},
     "bpr-max,bpreg=2": {**BPRMAX, "bpreg": 2.0},
     "dropout_p_embed=0.3": {"dropout_p_embed": 0.3},
-    "embedding=64": {"embedding": 64},
-    "embedding=64,dropout_p_hidden=0.3": {"embedding": 64, "dropout_p_hidden": 0.3},
+    "embedding=100": {"embedding": 100},
+    "embedding=100,dropout_p_hidden=0.3": {"embedding": 100, "dropout_p_hidden": 0.3},
     "constrained_embedding=True": {"constrained_embedding": True},
     "logq=1": {"logq": 1.0},
     "n_sample=0": {"n_sample": 0},
@@ -119,7 +119,7 @@ OPTIONS = {
     "batch_size=128": {"batch_size": 128},
     "preset gru4rec_xe": SETTINGS["features"][0],
     "preset gru4rec_bprmax": SETTINGS["bprmax_preset"][0],
-    "embedding=64,dropout_p_embed=0.3": {"embedding": 64, "dropout_p_embed": 0.3},
+    "embedding=100,dropout_p_embed=0.3": {"embedding": 100, "dropout_p_embed": 0.3},
     "bpr-max,elu_param=1": {**BPRMAX, "elu_param": 1.0},
 }
 # official options (GRU4Rec.__init__, GRU4Rec.fit, run.py) that have no row of their own
@@ -130,7 +130,9 @@ NO_ROW = {
     "elu_param, cross-entropy": "no effect: the official code applies elu in bpr-max only",
     "logq, bpr-max": "no effect in the official code (cross-entropy only); the mapping sets "
     "model.logq=0 (hrnn_lit would apply it to any loss)",
-    "embedding=layersize": "embedding of the layer's size: the embedding row with E = H",
+    "embedding=layersize": "embedding of the layer's size: the embedding rows (E = H)",
+    "embedding=E, E != layers": "the official compatibility-mode init stops (it sets the "
+    "GRUCell's weight_ih as [3E, H], torch's shape is [3H, E]), so the rows use E = H",
     "n_epochs": "trainer.max_epochs, the same in every row",
     "sample_cache_max_size (-ss)": "how many samples the official code draws at once; "
     "hrnn_lit draws each step's (the same distribution)",
