@@ -212,11 +212,28 @@ def export_synthetic(out: Path, users: int, dataset: str = "synthetic") -> None:
         print(f"{out / name}.tsv: {frame.height} events, {frame['SessionId'].n_unique()} sessions")
 
 
+def official_init(seed: int) -> str:
+    """Code that makes the official compatibility mode's np.random.seed(42), called before
+    it draws the initial weights, seed 42 + ``seed``."""
+    return (
+        "import numpy; _seed = numpy.random.seed; "
+        f"numpy.random.seed = lambda s=None: _seed(s + {seed} if s == 42 else s); "
+    )
+
+
 def run_official(
-    official: Path, data: Path, params: dict, seed: int, threads: int, store: int | None = None
+    official: Path,
+    data: Path,
+    params: dict,
+    seed: int,
+    threads: int,
+    store: int | None = None,
+    vary_init: bool = False,
 ) -> dict:
     """The official run.py under torch.manual_seed(seed): recall@20 and MRR@20. ``store``:
-    its sample store size (``-ss``; None: its default)."""
+    its sample store size (``-ss``; None: its default). ``vary_init``: its initial weights
+    drawn with numpy seed 42 + seed instead of its fixed 42, so that its seeds' spread
+    includes the initialisation as hrnn_lit's does."""
     ps = ",".join(f"{k}={v}" for k, v in params.items())
     argv = [str(official / "run.py"), str(data / "train.tsv"), "-ps", ps, "-d", "cpu",
             "-t", str(data / "test.tsv"), "-m", "20", "-e", "conservative"]  # fmt: skip
@@ -227,7 +244,7 @@ def run_official(
         "_tensor = torch.tensor; torch.tensor = lambda x, *a, **k: _tensor("
         "x.to_numpy() if isinstance(x, pandas.Series) else x, *a, **k); "
         f"sys.path.insert(0, {str(official)!r}); sys.argv = sys.argv[2:]; "
-        "runpy.run_path(sys.argv[0], run_name='__main__')"
+        f"{official_init(seed) if vary_init else ''}runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(
@@ -317,6 +334,10 @@ def main() -> int:
         "official model, instead of --settings",
     )  # fmt: skip
     ap.add_argument("--sample-store", type=int, help="the official code's -ss (default its own)")
+    ap.add_argument(
+        "--vary-official-init", action="store_true",
+        help="the official initial weights from numpy seed 42 + seed (default: its fixed 42)",
+    )  # fmt: skip
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
@@ -350,8 +371,9 @@ def main() -> int:
                             "ours_extra": base_extra + extra}  # fmt: skip
         for seed in args.seeds:
             a = run_official(
-                args.official, args.data, params, seed, args.threads, args.sample_store
-            )
+                args.official, args.data, params, seed, args.threads, args.sample_store,
+                args.vary_official_init,
+            )  # fmt: skip
             print(f"{name} seed {seed}: official {a}", flush=True)
             for row, (_, extra) in zip(rows, variants):
                 ours = ours_overrides(params) + base_extra + extra

@@ -129,3 +129,22 @@ def test_every_official_parameter_has_a_row_or_a_reason() -> None:
 def test_within_spread() -> None:
     assert parity.within([0.10, 0.12, 0.11], [0.11, 0.13, 0.12])
     assert not parity.within([0.10, 0.10, 0.10], [0.12, 0.12, 0.12])
+
+
+def test_official_init_shifts_only_the_compatibility_seed() -> None:
+    """--vary-official-init: numpy seed 42 becomes 42 + seed; other seeds are left alone."""
+    import numpy
+
+    original = numpy.random.seed
+    try:
+        exec(parity.official_init(3), {})
+        numpy.random.seed(42)
+        shifted = numpy.random.rand(4)
+        numpy.random.seed(7)
+        other = numpy.random.rand(4)
+    finally:
+        numpy.random.seed = original
+    numpy.random.seed(45)
+    assert numpy.allclose(shifted, numpy.random.rand(4))
+    numpy.random.seed(7)
+    assert numpy.allclose(other, numpy.random.rand(4))
