@@ -244,7 +244,8 @@ def run_official(
         "_tensor = torch.tensor; torch.tensor = lambda x, *a, **k: _tensor("
         "x.to_numpy() if isinstance(x, pandas.Series) else x, *a, **k); "
         f"sys.path.insert(0, {str(official)!r}); sys.argv = sys.argv[2:]; "
-        f"{official_init(seed) if vary_init else ''}runpy.run_path(sys.argv[0], run_name='__main__')"
+        + (official_init(seed) if vary_init else "")
+        + "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(
