@@ -148,3 +148,12 @@ def test_official_init_shifts_only_the_compatibility_seed() -> None:
     assert numpy.allclose(shifted, numpy.random.rand(4))
     numpy.random.seed(7)
     assert numpy.allclose(other, numpy.random.rand(4))
+
+
+def test_table_without_hrnn_lit_runs() -> None:
+    """--official-only: the official cells, dashes for hrnn_lit and the verdict."""
+    res = {"base": {"official": [{"recall@20": 0.3, "mrr@20": 0.1}] * 3, "ours": []}}
+    row = parity.table(res, [0, 1, 2], 3).splitlines()[-1]
+    assert row == "| base | 0.3000 ± 0.0000 | – | 0.1000 ± 0.0000 | – | – |"
+    res["base"]["ours"] = [{"recall@20": 0.33, "mrr@20": 0.1}] * 3
+    assert parity.table(res, [0, 1, 2], 3).splitlines()[-1].endswith("| no: recall +10.0% |")
