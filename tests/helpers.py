@@ -16,15 +16,35 @@ from hrnn_lit.evaluation.evaluator import RankCollector
 from hrnn_lit.evaluation.loop import EvalLoop, starts_at
 
 
-def steps_for(users: list[list[list[int]]]) -> Steps:
-    """Steps of users given as lists of sessions of item ids, in that order."""
+def events_of(users: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item, user, session) arrays of users given as lists of sessions of item ids."""
     item, user, ses = [], [], []
     for u, sessions in enumerate(users):
         for s in sessions:
             item += s
             user += [u] * len(s)
             ses += [len(set(ses))] * len(s)
-    return build_steps(np.array(item), np.array(user), np.array(ses))
+    return np.array(item), np.array(user), np.array(ses)
+
+
+def steps_for(users: list[list[list[int]]]) -> Steps:
+    """Steps of users given as lists of sessions of item ids, in that order."""
+    return build_steps(*events_of(users))
+
+
+def tiny_datamodule(source, name: str):
+    """A set-up SessionDataModule of an events source with light filters (no dedupe) and
+    small batches: 8 slots, chunks of 16 steps, fit on the train split."""
+    from hrnn_lit.data.datamodule import SessionDataModule
+
+    dm = SessionDataModule(
+        source=source, name=name,
+        preprocess=dict(min_item_support=1, min_session_len=2, min_user_sessions=2,
+                        max_user_sessions=None, dedupe=False),
+        batch_size=8, eval_batch_size=16, steps_per_batch=16, fit_split="train", seed=0,
+    )  # fmt: skip
+    dm.setup("fit")
+    return dm
 
 
 def at_least_float32(x):

@@ -12,7 +12,6 @@ import pytest
 import pytorch_lightning as pl_
 import torch
 
-from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.data.synthetic import generate_events
 from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.nets.api import Starts
@@ -20,6 +19,7 @@ from hrnn_lit.nets.history import HistoryHRNN
 from hrnn_lit.ops.losses import LOSSES
 from hrnn_lit.run import run
 from tests.conftest import CONF, TINY
+from tests.helpers import tiny_datamodule
 
 
 def _starts(session, user) -> Starts:
@@ -153,13 +153,7 @@ def _repeat_data(n_users: int = 40, seed: int = 0) -> pl.DataFrame:
 
 
 def test_a_user_who_repeats_one_item_gets_it_ranked_first():
-    dm = SessionDataModule(
-        source=functools.partial(_repeat_data), name="repeats",
-        preprocess=dict(min_item_support=1, min_session_len=2, min_user_sessions=2,
-                        max_user_sessions=None, dedupe=False),
-        batch_size=8, eval_batch_size=16, steps_per_batch=16, fit_split="train", seed=0,
-    )  # fmt: skip
-    dm.setup("fit")
+    dm = tiny_datamodule(functools.partial(_repeat_data), "repeats")
     torch.manual_seed(0)
     net = {"_target_": "hrnn_lit.nets.history.HistoryHRNN", "hidden_size": 16,
            "user_hidden_size": 16}  # fmt: skip

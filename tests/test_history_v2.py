@@ -13,11 +13,11 @@ import pytest
 import pytorch_lightning as pl_
 import torch
 
-from hrnn_lit.data.datamodule import SessionDataModule
 from hrnn_lit.models.module import RecurrentRecommender
 from hrnn_lit.nets.api import Starts
 from hrnn_lit.nets.history import HistoryHRNN
 from hrnn_lit.ops.candidates import CandidateSampler
+from tests.helpers import tiny_datamodule
 
 
 def _starts(session, user) -> Starts:
@@ -108,13 +108,7 @@ def test_the_gate_learns_no_repeats_where_users_never_repeat(user_features):
     """On data without repeats, training (logQ on: it reaches the distinct path) drives
     mean P(repeat) on fresh users well below its initial value; the evaluation's metrics
     do not depend on logQ (the sampler only shapes training)."""
-    dm = SessionDataModule(
-        source=functools.partial(_no_repeat_data), name="no_repeats",
-        preprocess=dict(min_item_support=1, min_session_len=2, min_user_sessions=2,
-                        max_user_sessions=None, dedupe=False),
-        batch_size=8, eval_batch_size=16, steps_per_batch=16, fit_split="train", seed=0,
-    )  # fmt: skip
-    dm.setup("fit")
+    dm = tiny_datamodule(functools.partial(_no_repeat_data), "no_repeats")
     torch.manual_seed(0)
     net = {"_target_": "hrnn_lit.nets.history.HistoryHRNN", "hidden_size": 16,
            "user_hidden_size": 16, "user_features": user_features}  # fmt: skip

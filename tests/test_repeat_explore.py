@@ -25,21 +25,10 @@ from hrnn_lit.nets.history import HistoryHRNN
 from hrnn_lit.nets.recurrent import RecurrentCore
 from hrnn_lit.run import run
 from tests.conftest import compose_cfg
-from tests.helpers import replay
+from tests.helpers import events_of, replay
 from tests.test_eval_speed_paths import threads
 
 KS = (1, 2, 3)
-
-
-def events_of(users):
-    """(item, user, session) arrays of users given as lists of sessions of items."""
-    item, user, ses = [], [], []
-    for u, sessions in enumerate(users):
-        for s in sessions:
-            item += s
-            user += [u] * len(s)
-            ses += [len(set(ses))] * len(s)
-    return np.array(item), np.array(user), np.array(ses)
 
 
 def seen_before(item, user):
