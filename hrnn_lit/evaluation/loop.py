@@ -5,7 +5,10 @@ of one pass over an evaluation plan, for any network of the model API
 Per chunk ([T, B] time steps x slots), at each time step: the start rules on the slots that
 start a session, then one step and (where the network observes them) the targets on the
 slots whose state can still matter (``needed_rows``), their rows written back into the
-carried state. The states of the
+carried state. The same loop replays a recommender's users (``recommend.recommender``):
+its ``Slots`` load each user's stored state into a slot before the user's first step and
+store it after the last, and an entry may start a session without a step (a session's
+first event, whose item is the next step's input). The states of the
 scored slots are kept and ranked at the end of the chunk, in row blocks, by the cheapest
 form the network offers (``api.ScoreFactors``: column blocks of a product, stopped at the
 largest K; ``api.SparseScores``: binary search in a sorted base; else its ``score`` over the
@@ -23,6 +26,8 @@ slots (tests/test_eval_speed_paths.py); elsewhere they are equal to rounding.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -88,6 +93,16 @@ def context_at(batch: Chunk, t: int, idx: Tensor | None = None) -> api.Context:
     return ctx if idx is None else ctx.rows(idx)
 
 
+class Slots(Protocol):
+    """Users' states moving in and out of a replay's slots (a recommender's users)."""
+
+    def load(self, t: int, state: api.State) -> api.State:
+        """``state`` with the stored states of the users whose first step is at t."""
+
+    def store(self, t: int, state: api.State) -> None:
+        """Keep the states of the users whose last step is at t."""
+
+
 class EvalLoop:
     """One evaluation pass at a time: ``begin(net, collector)``, then ``chunk(batch)`` for
     each chunk in plan order (the state is carried from one to the next). ``fast=False``:
@@ -107,43 +122,52 @@ class EvalLoop:
         self._sorted_base: Tensor | None = None  # sparse scores' sorted base, once per pass
         self._empty: api.State | None = None  # a fresh slot's state (fills grown tensors)
 
-    def chunk(self, batch: Chunk) -> None:
+    def chunk(self, batch: Chunk, slots: Slots | None = None) -> None:
+        """Replay (and rank) one chunk; ``slots``: load and store users' states per slot
+        (a recommender's replay: every valid entry steps, none is scored)."""
         with torch.no_grad(), torch.autocast(batch.input.device.type, enabled=False):
-            self._chunk(batch)
+            self._chunk(batch, slots)
 
     # ------------------------------------------------------------------ replay
-    def _chunk(self, batch: Chunk) -> None:
+    def _chunk(self, batch: Chunk, slots: Slots | None) -> None:
         net, inp = self.net, batch.input
         T, B = inp.shape
         state = self.state if self.state is not None else net.initial_state(B, inp.device)
-        need = needed_rows(batch, getattr(net, "session_only", False))
-        starting = batch.session_start.cpu().numpy() & need  # (user starts are session starts)
+        starting = batch.session_start.cpu().numpy()  # (user starts are session starts)
+        if slots is None:
+            need = needed_rows(batch, getattr(net, "session_only", False))
+            starting &= need
+        else:  # every valid entry steps; a start may come without a step
+            need = batch.valid.cpu().numpy()
         scored = batch.score.cpu().numpy()
         observe = getattr(net, "observe", None)
         ctx = api.takes_context(net)
         pending: list[api.State] = []  # scored slots' states since time step t0
         t0 = 0
         for t in range(T):
+            if slots is not None:  # users taking a slot: their stored states
+                state = slots.load(t, state)
             rows = np.flatnonzero(need[t])
-            if rows.size == 0:
-                continue
             if batch.any_start[t] and starting[t].any():  # the start rules: starting slots only
                 state = self._start(state, batch, t, np.flatnonzero(starting[t]))
             sel = np.flatnonzero(scored[t])
             if rows.size == B:  # every slot: step the state as it is
                 extra = (context_at(batch, t),) if ctx else ()
                 state = net.step(inp[t], state, *extra)
-                part = api.select(state, self._index(sel, inp.device))
+                part = api.select(state, self._index(sel, inp.device)) if sel.size else None
                 if observe is not None:
                     state = observe(state, batch.target[t])
-            else:
+            elif rows.size:
                 idx = self._index(padded_rows(rows, B), inp.device)
                 extra = (context_at(batch, t, idx),) if ctx else ()
                 sub = net.step(inp[t, idx], api.select(state, idx), *extra)
-                part = api.select(sub, self._index(np.searchsorted(rows, sel), inp.device))
+                if sel.size:
+                    part = api.select(sub, self._index(np.searchsorted(rows, sel), inp.device))
                 if observe is not None:
                     sub = observe(sub, batch.target[t, idx])
                 state = self._put_rows(state, idx[: rows.size], sub)
+            if slots is not None:  # users leaving their slot: their states stored
+                slots.store(t, state)
             if sel.size:
                 if pending and _shapes(pending[0]) != _shapes(part):  # the state grew
                     self._rank(batch, t0, t, pending)

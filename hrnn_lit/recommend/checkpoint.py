@@ -96,5 +96,3 @@ def load(path: Path, device: str = "cpu") -> Recommender:
     if info.get("users"):
         rec.users.load(info["users"])
     return rec
-
-

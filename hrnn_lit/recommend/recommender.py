@@ -24,10 +24,11 @@ from torch import Tensor, nn
 
 from hrnn_lit.data.batching import build_plan
 from hrnn_lit.errors import ConfigError, NumericalError
-from hrnn_lit.evaluation.loop import padded_rows
+from hrnn_lit.evaluation.loop import EvalLoop, padded_rows
 from hrnn_lit.nets import api
 from hrnn_lit.ops.activations import at_least_float32
 from hrnn_lit.recommend.ids import Ids
+from hrnn_lit.recommend.replay import UserSlots, replay_chunk
 from hrnn_lit.recommend.topk import exclude_items, top_k
 from hrnn_lit.recommend.users import NO_TIME, UserTable, current_items, user_key
 
@@ -230,51 +231,28 @@ class Recommender:
         return done
 
     def _replay(self, rows, items, starts, user_start, context) -> None:
-        """Step the network through kept events (users contiguous, in time order): slots
-        run users in parallel; at a user's first event its stored state and pending item
-        are loaded, at its last one they are written back."""
-        tab, net = self.users, self.net
+        """Step the network through kept events (users contiguous, in time order) with the
+        evaluation's replay loop: slots run users in parallel; a user's stored state is
+        loaded into its slot at its first event and stored at its last. A session's first
+        event runs the start rules; every other event steps the slot on the item before it
+        (the stored pending item at a user's first event) and observes its own."""
+        tab = self.users
         if rows.size == 0:
             return
-        first = _edges(rows)
-        last = _edges(rows, last=True)
-        n_users = int(first.sum())
-        B = min(self.batch_size, n_users)
-        plan = build_plan(rows, B)
-        dev = self.device
-        state = net.initial_state(B, dev)
-        pending = np.full(B, -1, np.int64)
-        pending_ctx = np.zeros((B, 3), np.int64)  # the pending event's time, gap, position
-        slot_user = np.full(B, -1, np.int64)
-        observe = getattr(net, "observe", None)
-        with torch.no_grad():
-            for t in range(plan.shape[0]):
-                e = plan[t]
-                act = np.flatnonzero(e >= 0)
-                ev = e[act]
-                f = first[ev]
-                if f.any():  # users taking a slot: their stored state and pending item
-                    slots, rr = act[f], rows[ev[f]]
-                    state = self._put(state, slots, tab.get(rr), B)
-                    pending[slots] = tab.pending[rr]
-                    pending_ctx[slots] = tab.context[rr]
-                    slot_user[slots] = tab.user_index[rr]
-                s = starts[ev]
-                if s.any():
-                    state = self._start(state, act[s], user_start[ev[s]], B)
-                if (~s).any():
-                    c = act[~s]
-                    ctx = (slot_user[c], pending_ctx[c])
-                    targets = items[ev[~s]] if observe else None
-                    state = self._step(state, c, pending[c], targets, B, ctx)
-                pending[act] = items[ev]
-                pending_ctx[act] = context[ev]
-                done = last[ev]
-                if done.any():
-                    slots = act[done]
-                    tab.put(rows[ev[done]], api.select(state, self._idx(slots)))
-                    tab.pending[rows[ev[done]]] = pending[slots]
-                    tab.context[rows[ev[done]]] = pending_ctx[slots]
+        first, last = _edges(rows), _edges(rows, last=True)
+        B = min(self.batch_size, int(first.sum()))
+        plan = build_plan(rows, B)  # [T, B] event indices (-1: none)
+        r = rows
+        inputs = np.where(first, tab.pending[r], _shifted(items, -1))
+        in_ctx = np.where(first[:, None], tab.context[r], np.roll(context, 1, 0))  # [n, 3]
+        chunk = replay_chunk(
+            plan, inputs, items, starts, user_start, in_ctx, tab.user_index[r], self.device
+        )
+        loop = EvalLoop(len(self.items))
+        loop.begin(self.net, None, shares=False)
+        loop.chunk(chunk, UserSlots(tab, plan, rows, first, last, self.device))
+        tab.pending[r[last]] = items[last]
+        tab.context[r[last]] = context[last]
 
     # ----------------------------------------------------------------- the rules
     def _idx(self, rows: np.ndarray) -> Tensor:
