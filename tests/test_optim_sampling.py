@@ -209,3 +209,25 @@ def test_update_with_given_gradients_equals_the_step_on_grad(kind, momentum):
         assert torch.equal(a, b)
     assert torch.equal(runs[1][2], bias0)  # no gradient given: not even weight decay
     assert not torch.equal(runs[1][1], weight0)
+
+
+def test_gradient_rows_of_our_ops_skip_the_sort_check_and_others_are_coalesced():
+    """A row-sparse gradient made by ``ops.tables`` reaches ``.grad`` without its coalesced
+    flag; the optimiser recognises its indices as ours (no check), while an index tensor
+    with the same values made elsewhere is checked, and unsorted or repeated rows (e.g.
+    ``nn.Embedding(sparse=True)``) are summed before the update."""
+    from hrnn_lit.ops import optim, tables
+
+    w = torch.nn.Parameter(torch.zeros(6, 2))
+    tables.rows(w, torch.tensor([4, 1, 4])).sum().backward()
+    assert not w.grad.is_coalesced()
+    idx = w.grad._indices()[0]
+    assert tables.known_distinct(idx) and idx.tolist() == [1, 4]
+    assert not tables.known_distinct(idx.clone())
+    assert not tables.known_distinct(torch.tensor([1, 4]))
+
+    emb = torch.nn.Embedding(6, 2, sparse=True)
+    emb(torch.tensor([4, 1, 4])).sum().backward()
+    rows, values = optim._rows(emb.weight.grad)
+    assert rows.tolist() == [1, 4]
+    assert values.tolist() == [[1.0, 1.0], [2.0, 2.0]]

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import optimizer as _torch_optimizer
 
-from hrnn_lit.ops import native
+from hrnn_lit.ops import native, tables
 
 KINDS = ("adagrad", "adam")
 ADAGRAD_EPS = ("outside", "inside")  # eps added after sqrt(acc) | inside: sqrt(acc + eps)
@@ -29,7 +28,7 @@ def _rows(grad: Tensor) -> tuple[Tensor | None, Tensor]:
         return None, grad
     if not grad.is_coalesced():  # autograd drops the flag of a coalesced gradient it stores
         idx = grad._indices()[0]
-        if idx.numel() > 1 and not _increasing(idx):
+        if idx.numel() > 1 and not tables.known_distinct(idx) and not _increasing(idx):
             grad = grad.coalesce()
         return grad._indices()[0], grad._values()
     return grad.indices()[0], grad.values()
@@ -99,23 +98,10 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         self.update()
         return loss
 
-    def has_step_hooks(self) -> bool:
-        """Whether step pre/post hooks are registered (on this optimiser or globally); True
-        where this torch keeps them elsewhere (then ``step()`` is the safe call)."""
-        hooks = [
-            getattr(self, "_optimizer_step_pre_hooks", None),
-            getattr(self, "_optimizer_step_post_hooks", None),
-            getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None),
-            getattr(_torch_optimizer, "_global_optimizer_post_hooks", None),
-        ]
-        return any(h is None or len(h) > 0 for h in hooks)
-
     @torch.no_grad()
     def update(self, grads: list[tuple[Tensor, Tensor | None, Tensor]] | None = None) -> None:
-        """``step()`` without torch.optim's wrapper: no profiler range and no step hooks
-        (check ``has_step_hooks()``). ``grads``: the gradients as (parameter, rows or None,
-        gradient) triples instead of ``.grad`` (``update.gradients``: coalesced rows, no
-        sparse tensors built and read back); parameters not in it are not updated."""
+        """The step on ``.grad`` or, given ``grads``, on (parameter, rows or None, gradient)
+        triples (coalesced rows; parameters not in it are not updated)."""
         given = None if grads is None else {p: (rows, g) for p, rows, g in grads}
         for group in self.param_groups:
             fused = []  # CPU tensors under plain Adagrad: one fused kernel for all
@@ -176,27 +162,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             p.index_copy_(0, idx, ps[k])
             acc.index_copy_(0, idx, accs[k])
 
-    def supports_apply(self) -> bool:
-        """Whether ``apply`` can update every parameter (plain Adagrad, any weight decay):
-        its updates are in-place kernels on fixed tensors, with no host-side state."""
-        return all(g["kind"] == "adagrad" and not g["momentum"] for g in self.param_groups)
-
-    @torch.no_grad()
-    def apply(self, grads: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None]]) -> None:
-        """The step for gradients given directly, not as ``.grad`` (a CUDA-graph step):
-        (parameter, rows or None, gradient, mask or None). Rows may repeat where their
-        gradient rows are zero (padding); ``mask`` (0/1, broadcast over the gradient)
-        multiplies it after weight decay, so that padding and parameters the step did not
-        use do not decay. Needs ``supports_apply()``; state is created on first use, so run
-        it once before capturing it in a CUDA graph."""
-        groups = {p: g for g in self.param_groups for p in g["params"]}
-        for p, idx, g, mask in grads:
-            self._update(p, groups[p], idx, g, mask)
-
     def _update(
-        self, p: Tensor, group: dict, idx: Tensor | None = None, g: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> None:  # fmt: skip
+        self, p: Tensor, group: dict, idx: Tensor | None = None, g: Tensor | None = None
+    ) -> None:
         """One parameter's update from (idx, g) or, when g is None, from ``p.grad``."""
         if g is None:
             idx, g = _rows(p.grad)
@@ -207,8 +175,6 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         if idx is None:  # dense: in place, no full-size temporaries beyond one
             if wd:
                 g = g.add(p, alpha=wd)
-                if mask is not None:
-                    g = g.mul_(mask)
             if group["kind"] == "adagrad":
                 acc = state["acc"].addcmul_(g, g)
                 denom = acc.add(eps).sqrt_() if group.get("eps_in_sqrt") else acc.sqrt().add_(eps)
@@ -228,8 +194,6 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         # row-sparse (one row per touched item): only those rows are read and written
         if wd:
             g = g + wd * p.index_select(0, idx)
-            if mask is not None:
-                g = g.mul_(mask)
         if group["kind"] == "adagrad":
             state["acc"].index_add_(0, idx, g * g)
             acc = state["acc"].index_select(0, idx)

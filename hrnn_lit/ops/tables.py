@@ -7,6 +7,8 @@ optimisers, clipping and data-parallel averaging read without sorting anything. 
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import Tensor
 
@@ -17,12 +19,26 @@ def distinct(items: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return torch.unique(items, return_inverse=True)
 
 
+_KNOWN: collections.deque = collections.deque(maxlen=16)  # row indices made here, held
+
+
 def sparse_rows(rows: Tensor, values: Tensor, shape: torch.Size) -> Tensor:
     """A coalesced sparse gradient of a table of ``shape`` from distinct sorted ``rows``
     [M] and their gradient rows ``values`` [M, D]."""
+    indices = rows[None]
+    _KNOWN.append(indices)
     return torch.sparse_coo_tensor(
-        rows[None], values, shape, is_coalesced=True, check_invariants=False
+        indices, values, shape, is_coalesced=True, check_invariants=False
     )
+
+
+def known_distinct(idx: Tensor) -> bool:
+    """Whether ``idx`` [M] (a gradient's row indices, which autograd hands on without the
+    coalesced flag) is one of the last row-index tensors ``sparse_rows`` made: distinct and
+    sorted by construction. Those tensors are held here, so their memory is not reused: a
+    tensor at the same address with the same length is the same indices."""
+    ptr, n = idx.data_ptr(), idx.numel()
+    return any(k.data_ptr() == ptr and k.numel() == n and idx.stride(-1) == 1 for k in _KNOWN)
 
 
 def row_sums(per_occurrence: Tensor, inverse: Tensor, m: int) -> Tensor:
