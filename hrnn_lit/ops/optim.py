@@ -23,15 +23,18 @@ _FUSED = hasattr(torch, "_fused_adagrad_")
 
 
 def _rows(grad: Tensor) -> tuple[Tensor | None, Tensor]:
-    """(row indices or None for dense, gradient values): duplicates summed."""
+    """(row indices or None for dense, gradient values): duplicates summed. Autograd drops
+    the coalesced flag of a gradient it stores, so rows not made by ``ops.tables`` are
+    checked to be distinct and sorted, and coalesced where they are not."""
     if not grad.is_sparse:
         return None, grad
-    if not grad.is_coalesced():  # autograd drops the flag of a coalesced gradient it stores
+    idx = grad._indices()[0]
+    if grad.is_coalesced() or idx.numel() <= 1 or tables.known_distinct(idx):
+        return idx, grad._values()
+    if not _increasing(idx):
+        grad = grad.coalesce()
         idx = grad._indices()[0]
-        if idx.numel() > 1 and not tables.known_distinct(idx) and not _increasing(idx):
-            grad = grad.coalesce()
-        return grad._indices()[0], grad._values()
-    return grad.indices()[0], grad.values()
+    return idx, grad._values()
 
 
 def _increasing(idx: Tensor) -> bool:

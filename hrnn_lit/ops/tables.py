@@ -37,8 +37,11 @@ def known_distinct(idx: Tensor) -> bool:
     coalesced flag) is one of the last row-index tensors ``sparse_rows`` made: distinct and
     sorted by construction. Those tensors are held here, so their memory is not reused: a
     tensor at the same address with the same length is the same indices."""
-    ptr, n = idx.data_ptr(), idx.numel()
-    return any(k.data_ptr() == ptr and k.numel() == n and idx.stride(-1) == 1 for k in _KNOWN)
+    ptr = idx.data_ptr()
+    for k in reversed(_KNOWN):  # the newest first: this step's
+        if k.data_ptr() == ptr:
+            return k.numel() == idx.numel() and idx.stride(-1) == 1
+    return False
 
 
 def row_sums(per_occurrence: Tensor, inverse: Tensor, m: int) -> Tensor:
