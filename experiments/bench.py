@@ -23,7 +23,8 @@ default data (conf/data/synthetic.yaml as it is) with TOP1 and in-batch negative
 B=100, whole epochs. ``*_autograd`` = ``model.engine=autograd`` (the plain reference path);
 the others ``auto``. Not in the default set: ``a_session_rnn_200k`` (200k-item catalogue),
 ``a_session_rnn_bf16`` (trainer precision bf16-mixed), ``a_gru4rec_xe`` (the official
-GRU4Rec's full cross-entropy recipe: logQ 1, tied embedding; bench_official.py).
+GRU4Rec's full cross-entropy recipe: logQ 1, tied embedding; bench_official.py),
+``a_session_rnn_h8`` (8 units, 16 samples: the step's fixed cost, with almost no arithmetic).
 ``--threads`` defaults to 1 (a shared 2-core machine: intra-op threads of these small ops
 mostly wait on each other); ``make bench`` passes 2, as the issue's figures use.
 
@@ -121,6 +122,8 @@ CONFIGS |= {
                                  "session_rnn"),
     "a_session_rnn_bf16": Config(dataclasses.replace(A, precision="bf16-mixed"), "session_rnn"),
     "a_gru4rec_xe": Config(XE, "session_rnn"),
+    # (a) with 8 units and 16 samples: a step's fixed cost (dispatch, autograd, optimiser)
+    "a_session_rnn_h8": Config(dataclasses.replace(A, hidden=8, n_sample=16), "session_rnn"),
     "a_gru4rec_xe_autograd": Config(XE, "session_rnn", "autograd"),
 }  # fmt: skip
 
