@@ -354,3 +354,46 @@ def test_cli_takes_other_column_names(trained, tmp_path):
     p = cli(["mode=recommend", f"ckpt_path={ckpt}", f"recommend.input={renamed}",
              f"recommend.output={tmp_path / 'no.csv'}", f"hydra.run.dir={tmp_path / 'r2'}"])
     assert p.returncode == 2 and "user_id" in p.stderr and not (tmp_path / "no.csv").exists()
+
+
+def test_observed_states_equal_the_rules_replayed_event_by_event():
+    """Users' stored states after two ``observe_many`` calls (five users sharing two slots,
+    one-event sessions between longer ones, a session going on across the calls) equal the
+    network's own rules applied one event at a time: a user's first event and every new
+    session run the start rules, any other event steps on the item before it."""
+    from hrnn_lit.nets import api
+    from hrnn_lit.nets.recurrent import RecurrentCore
+    from hrnn_lit.recommend.ids import Ids
+
+    torch.manual_seed(0)
+    net = RecurrentCore(12, hidden_size=6, user_hidden_size=5).eval()
+    rec = Recommender(net, Ids(list(range(100, 112))), 100, dedupe=False, batch_size=2)
+    rng = np.random.default_rng(3)
+    rows = []
+    for u in range(5):
+        t = 1_000_000
+        for _ in range(int(rng.integers(4, 12))):
+            t += int(rng.choice([10, 20, 500]))  # 500: a new session (some of one event)
+            rows.append((f"u{u}", 100 + int(rng.integers(12)), t))
+    events = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+    cut = int(np.median(events.get_column("timestamp")))
+    rec.observe_many(events.filter(pl.col("timestamp") <= cut).sort("timestamp"))
+    rec.observe_many(events.filter(pl.col("timestamp") > cut).sort("timestamp"))
+
+    one, none = torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
+    with torch.no_grad():
+        for u in range(5):
+            state, pending, last = net.initial_state(1, torch.device("cpu")), -1, None
+            for _, item, t in (r for r in rows if r[0] == f"u{u}"):
+                if last is None or t - last > 100:  # the start rules (user start first)
+                    user = last is None
+                    nxt = torch.tensor([0])[: int(not user)]
+                    starts = api.Starts(one, one if user else none, nxt)
+                    state = net.start(state, starts)
+                else:
+                    state = net.step(torch.tensor([pending]), state)
+                pending, last = item - 100, t
+            r = rec.users.find([f"u{u}"])
+            for got, want in zip(rec.users.get(r), state):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert rec.users.pending[r[0]] == pending
