@@ -26,15 +26,17 @@ TINY = [
 
 
 BASELINES = ("pop", "user_pop", "item_knn", "vsknn")
+NETS = ("attention_hrnn", "hrnn_history")  # conf/model with a `net`: its sizes go there
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | str):
     """Compose conf/ with TINY's sizes; TINY's generator settings only for data=synthetic,
-    its network sizes only for the recurrent models."""
+    its network sizes only for the recurrent models (under ``model.net`` for NETS)."""
     other_data = any(o.startswith("data=") or "experiment=" in o for o in overrides)
     baseline = any(o in {f"model={b}" for b in BASELINES} for o in overrides)
+    net = any(o in {f"model={n}" for n in NETS} for o in overrides)
     tiny = [
-        o
+        o.replace("model.", "model.net.", 1) if net else o
         for o in TINY
         if not (other_data and o.startswith("data.source."))
         and not (baseline and o.startswith("model."))

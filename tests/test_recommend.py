@@ -32,6 +32,7 @@ MODELS = {
     "user_net": ["model=session_rnn", "model.net={_target_: tests.nets.TiedNet, hidden_size: 8}"],
     "context_net": ["model=session_rnn", "model.net={_target_: tests.nets.ContextNet}"],
     "user_pop": ["model=user_pop"],
+    "hrnn_history": ["model=hrnn_history"],  # a state that grows, observe
 }
 
 
