@@ -176,41 +176,6 @@ def test_fused_dense_adagrad_equals_the_per_tensor_update(monkeypatch, weight_de
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind, momentum", [("adagrad", 0.0), ("adagrad", 0.9), ("adam", 0.0)])
-def test_update_with_given_gradients_equals_the_step_on_grad(kind, momentum):
-    """``update(grads)`` (a training step's coalesced rows, no .grad) moves the weights as
-    ``step()`` on the same gradients set as .grad does, bit for bit; parameters left out
-    of ``grads`` are not touched."""
-    runs = []
-    for direct in (False, True):
-        torch.manual_seed(0)
-        emb, lin = torch.nn.Embedding(20, 4, sparse=True), torch.nn.Linear(4, 1)
-        weight0, bias0 = lin.weight.detach().clone(), lin.bias.detach().clone()
-        opt = SparseRowOptimizer(
-            [emb.weight, lin.weight, lin.bias], kind, lr=0.1, momentum=momentum,
-            weight_decay=0.01,
-        )  # fmt: skip
-        g = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            rows = torch.randperm(20, generator=g)[:6].sort().values
-            grads = [
-                (emb.weight, rows, torch.randn(6, 4, generator=g)),
-                (lin.weight, None, torch.randn(1, 4, generator=g)),
-            ]
-            if direct:
-                opt.update(grads)
-            else:
-                for p, r, v in grads:
-                    p.grad = v if r is None else torch.sparse_coo_tensor(r[None], v, p.shape)
-                opt.step()
-                opt.zero_grad()
-        runs.append([t.detach().clone() for t in (emb.weight, lin.weight, lin.bias)])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-    assert torch.equal(runs[1][2], bias0)  # no gradient given: not even weight decay
-    assert not torch.equal(runs[1][1], weight0)
-
-
 def test_gradient_rows_of_our_ops_skip_the_sort_check_and_others_are_coalesced():
     """A row-sparse gradient made by ``ops.tables`` reaches ``.grad`` without its coalesced
     flag; the optimiser recognises its indices as ours (no check), while an index tensor

@@ -94,35 +94,24 @@ class SparseRowOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a ``.grad`` (row-sparse: its rows only)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.update()
-        return loss
-
-    @torch.no_grad()
-    def update(self, grads: list[tuple[Tensor, Tensor | None, Tensor]] | None = None) -> None:
-        """The step on ``.grad`` or, given ``grads``, on (parameter, rows or None, gradient)
-        triples (coalesced rows; parameters not in it are not updated)."""
-        given = None if grads is None else {p: (rows, g) for p, rows, g in grads}
         for group in self.param_groups:
             fused = []  # CPU tensors under plain Adagrad: one fused kernel for all
             for p in group["params"]:
-                if given is None:
-                    if p.grad is None:
-                        continue
-                    idx, g = _rows(p.grad)
-                elif p in given:
-                    idx, g = given[p]
-                else:
+                if p.grad is None:
                     continue
+                idx, g = _rows(p.grad)
                 if _FUSED and self._fusable(p, group):
                     fused.append((p, idx, g))
                 else:
                     self._update(p, group, idx, g)
             if fused:
                 self._fused_adagrad(fused, group)
+        return loss
 
     def _fusable(self, p: Tensor, group: dict) -> bool:
         return (
@@ -165,12 +154,8 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             p.index_copy_(0, idx, ps[k])
             acc.index_copy_(0, idx, accs[k])
 
-    def _update(
-        self, p: Tensor, group: dict, idx: Tensor | None = None, g: Tensor | None = None
-    ) -> None:
-        """One parameter's update from (idx, g) or, when g is None, from ``p.grad``."""
-        if g is None:
-            idx, g = _rows(p.grad)
+    def _update(self, p: Tensor, group: dict, idx: Tensor | None, g: Tensor) -> None:
+        """One parameter's update from its gradient rows ``idx`` (None: dense) and ``g``."""
         state = self.state[p]
         if not state:
             self._init_state(state, p, group)

@@ -242,17 +242,16 @@ class Recommender:
         first, last = _edges(rows), _edges(rows, last=True)
         B = min(self.batch_size, int(first.sum()))
         plan = build_plan(rows, B)  # [T, B] event indices (-1: none)
-        r = rows
-        inputs = np.where(first, tab.pending[r], _shifted(items, -1))
-        in_ctx = np.where(first[:, None], tab.context[r], np.roll(context, 1, 0))  # [n, 3]
+        inputs = np.where(first, tab.pending[rows], _shifted(items, -1))
+        in_ctx = np.where(first[:, None], tab.context[rows], np.roll(context, 1, 0))  # [n, 3]
         chunk = replay_chunk(
-            plan, inputs, items, starts, user_start, in_ctx, tab.user_index[r], self.device
+            plan, inputs, items, starts, user_start, in_ctx, tab.user_index[rows], self.device
         )
         loop = EvalLoop(len(self.items))
         loop.begin(self.net, None, shares=False)
         loop.chunk(chunk, UserSlots(tab, plan, rows, first, last, self.device))
-        tab.pending[r[last]] = items[last]
-        tab.context[r[last]] = context[last]
+        tab.pending[rows[last]] = items[last]
+        tab.context[rows[last]] = context[last]
 
     # ----------------------------------------------------------------- the rules
     def _idx(self, rows: np.ndarray) -> Tensor:
@@ -272,10 +271,9 @@ class Recommender:
         sub = self.net.start(api.select(state, idx), starts)
         return self._put(state, slots, sub, B)
 
-    def _step(self, state, slots, inputs, targets, B, ctx) -> api.State:
-        """One step on ``slots`` with their input items (then ``observe`` of the targets,
-        for networks that learn from them); ``ctx``: the slots' users and their inputs'
-        (time, gap, position), for networks that take an ``api.Context``."""
+    def _step(self, state, slots, inputs, B, ctx) -> api.State:
+        """One step on ``slots`` with their input items; ``ctx``: the slots' users and their
+        inputs' (time, gap, position), for networks that take an ``api.Context``."""
         padded = padded_rows(np.arange(slots.size), B)
         idx = self._idx(slots[padded])
         extra = ()
@@ -283,8 +281,6 @@ class Recommender:
             users, tgp = ctx[0][padded], ctx[1][padded]
             extra = (api.Context(*(self._idx(x) for x in (users, *tgp.T))),)
         sub = self.net.step(self._idx(inputs[padded]), api.select(state, idx), *extra)
-        if targets is not None:
-            sub = self.net.observe(sub, self._idx(np.asarray(targets)[padded]))
         return self._put(state, slots, sub, B)
 
     # -------------------------------------------------------------- recommending
@@ -303,7 +299,7 @@ class Recommender:
                 slots = np.flatnonzero(ongoing)
                 r = rows[slots]
                 ctx = (self.users.user_index[r], self.users.context[r])
-                state = self._step(state, slots, self.users.pending[r], None, B, ctx)
+                state = self._step(state, slots, self.users.pending[r], B, ctx)
         return state
 
     def scores(self, user_ids: list, at: str = "next") -> Tensor:

@@ -25,8 +25,8 @@ def replay_chunk(plan, inputs, targets, starts, user_start, in_ctx, user_index, 
     t_idx, s_idx = np.nonzero(nxt)  # step-major
     T = plan.shape[0]
 
-    def dev(x, dtype=None):
-        return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
+    def dev(x):
+        return torch.as_tensor(np.ascontiguousarray(x), device=device)
 
     def at(x):  # [T, B] of an event array, 0 where the entry holds no step
         return dev(np.where(step, x[e], 0))
